@@ -5,8 +5,15 @@ BIN := $(VENV)/bin
 # torch is pinned to the CPU build available on this platform; a newer range would pull CUDA wheels.
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# learn2learn (optional extra; the tests and benchmarks use it as a reference). Its only release, 0.2.0, ships
+# Cython-generated C that no longer compiles on Python 3.11, so it is built from its sdist after regenerating
+# that C with current Cython, without its pinned dependencies. torchvision must be the release paired with TORCH.
+TORCHVISION ?= torchvision==0.28.0
+L2L_VERSION := 0.2.0
+L2L_BUILD := $(VENV)/build/learn2learn
+L2L_STAMP := $(VENV)/.learn2learn
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup learn2learn demo test test-all bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -16,16 +23,28 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+$(L2L_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet "$(TORCHVISION)" "gym>=0.26" "cython>=3"
+	rm -rf $(L2L_BUILD) && mkdir -p $(L2L_BUILD)
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: "learn2learn==$(L2L_VERSION)" -d $(L2L_BUILD)
+	tar -xzf $(L2L_BUILD)/learn2learn-$(L2L_VERSION).tar.gz -C $(L2L_BUILD)
+	$(BIN)/cython -3 --force $(L2L_BUILD)/learn2learn-$(L2L_VERSION)/learn2learn/data/*.pyx
+	rm -rf $(L2L_BUILD)/learn2learn-$(L2L_VERSION)/.eggs
+	$(BIN)/pip install --quiet --no-build-isolation --no-deps $(L2L_BUILD)/learn2learn-$(L2L_VERSION)
+	touch $@
+
+learn2learn: $(L2L_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/metaopt run quickstart $(ARGS)
 
-test: $(STAMP)
+test: $(L2L_STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
-test-all: $(STAMP)
+test-all: $(L2L_STAMP)
 	$(BIN)/python -m pytest -m "slow or not slow" $(ARGS)
 
-bench: $(STAMP)
+bench: $(L2L_STAMP)
 	$(BIN)/metaopt bench $(ARGS)
 
 clean:

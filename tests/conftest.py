@@ -42,3 +42,16 @@ def omniglot_root(tmp_path):
                     draw(folder / f"{index:04d}_{drawing:02d}.png", 35, "1", index)
                 index += 1
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def learn2learn():
+    """learn2learn (optional extra): skipped when absent, unless METAOPT_REQUIRE_LEARN2LEARN=1 (set by CI)."""
+    from metaopt.extras import import_learn2learn
+
+    try:
+        return import_learn2learn()
+    except ImportError as error:
+        if os.environ.get("METAOPT_REQUIRE_LEARN2LEARN") == "1":
+            pytest.fail(f"METAOPT_REQUIRE_LEARN2LEARN=1 but {error}")
+        pytest.skip(str(error))

@@ -345,12 +345,11 @@ def test_learn2learn_bridge_refuses_tasks_of_the_wrong_shape():
 
 def test_learn2learn_missing_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "learn2learn", None)
-    with pytest.raises(ImportError, match=r"pip install 'metaopt\[learn2learn\]'"):
+    with pytest.raises(ImportError, match=r"make learn2learn"):
         Learn2LearnTasks.from_dataset(torch.utils.data.TensorDataset(torch.zeros(4, 1)), 2, 1, 1)
 
 
-def test_learn2learn_task_dataset_to_episodes():
-    pytest.importorskip("learn2learn")
+def test_learn2learn_task_dataset_to_episodes(learn2learn):
     labels = torch.arange(6).repeat_interleave(5)
     data = labels.view(-1, 1, 1, 1).float().expand(-1, 1, 3, 3).contiguous()
     family = Learn2LearnTasks.from_dataset(torch.utils.data.TensorDataset(data, labels), ways=3, shots=1, queries=2)

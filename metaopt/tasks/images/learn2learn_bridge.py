@@ -14,23 +14,9 @@ from typing import Any
 import torch
 
 from metaopt.episodes import Episode
+from metaopt.extras import import_learn2learn
 from metaopt.tasks.base import TaskFamily
 from metaopt.tasks.images.layout import FewShotLayout, LayoutSizes
-
-EXTRA_HINT = (
-    "learn2learn is an optional extra of metaopt: install it with `pip install 'metaopt[learn2learn]'` "
-    "(on Python >= 3.11 its sdist must be rebuilt with current Cython; see DESIGN.md, 'Data sources')"
-)
-
-
-def import_learn2learn() -> Any:
-    """``import learn2learn``, or an ImportError that names the extra and how to install it."""
-    try:
-        import learn2learn
-    except ImportError as error:
-        raise ImportError(f"the learn2learn bridge needs learn2learn, which is not installed. {EXTRA_HINT}") from error
-    return learn2learn
-
 
 def group_by_class(
     data: torch.Tensor, labels: torch.Tensor, ways: int, per_class: int
@@ -74,7 +60,7 @@ class Learn2LearnTasks(LayoutSizes, TaskFamily):
     def from_dataset(
         cls, dataset: Any, ways: int, shots: int, queries: int, unlabeled_per_class: int = 0
     ) -> "Learn2LearnTasks":
-        """Wrap a labelled torch dataset in learn2learn's ``MetaDataset`` and N-way/K-shot ``TaskDataset``."""
+        """Wrap a labelled torch dataset in learn2learn's ``MetaDataset`` and an N-way/K-shot ``Taskset``."""
         l2l = import_learn2learn()
         layout = FewShotLayout(ways, shots, queries, unlabeled_per_class)
         meta = l2l.data.MetaDataset(dataset)
@@ -83,7 +69,7 @@ class Learn2LearnTasks(LayoutSizes, TaskFamily):
             l2l.data.transforms.KShots(meta, k=layout.per_class),
             l2l.data.transforms.LoadData(meta),
         ]
-        return cls(l2l.data.TaskDataset(meta, task_transforms=transforms, num_tasks=-1), ways, shots, queries,
+        return cls(l2l.data.Taskset(meta, task_transforms=transforms, num_tasks=-1), ways, shots, queries,
                    unlabeled_per_class)
 
     def _draw_tasks(self, num_tasks: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -115,4 +101,4 @@ class Learn2LearnTasks(LayoutSizes, TaskFamily):
         )
 
 
-__all__ = ["Learn2LearnTasks", "import_learn2learn", "group_by_class"]
+__all__ = ["Learn2LearnTasks", "group_by_class"]

@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.timing import best_of
 from metaopt.episodes import Episode
+from metaopt.extras import import_learn2learn
 from metaopt.learners import MAML
 from metaopt.learners.maml import conv4, mlp
 from metaopt.tasks import Sinusoid
@@ -49,9 +50,7 @@ def higher_step(model: nn.Module, episode: Episode) -> list[torch.Tensor]:
 
 def learn2learn_step(model: nn.Module, episode: Episode) -> list[torch.Tensor]:
     """One MAML meta-gradient with learn2learn's ``MAML`` (``clone`` + ``adapt`` per task)."""
-    import learn2learn
-
-    maml, loss_fn = learn2learn.algorithms.MAML(model, lr=INNER_LR), _loss_fn(episode.kind)
+    maml, loss_fn = import_learn2learn().algorithms.MAML(model, lr=INNER_LR), _loss_fn(episode.kind)
     losses = []
     for t in range(episode.num_tasks):
         learner = maml.clone()
@@ -68,7 +67,7 @@ def ours_step(learner: MAML, episode: Episode) -> list[torch.Tensor]:
 def _references() -> dict:
     references = {"higher": higher_step}
     try:
-        import learn2learn  # noqa: F401
+        import_learn2learn()
     except ImportError:
         pass
     else:

@@ -33,14 +33,17 @@ class Curve:
 
 @dataclass
 class Claim:
-    """A paper's claim checked against a measured value: ``learner``'s metric at ``k`` is below/above ``value``."""
+    """A paper's claim checked against measured values: ``learner``'s metric at ``k`` is below/above a value
+    and/or better (per the metric's direction) than each learner of ``better_than`` at the same ``k``."""
 
     text: str
     learner: str
     k: int
     below: float | None = None
     above: float | None = None
+    better_than: list[str] = field(default_factory=list)
     measured: float | None = None
+    others: dict[str, float] = field(default_factory=dict)
     holds: bool | None = None
 
 
@@ -148,11 +151,15 @@ def compare(
 
 
 def check_claim(comparison: Comparison, spec: Mapping) -> Claim:
-    """Measure one claim of a recipe (``text``, ``learner``, ``k``, and ``below`` and/or ``above``)."""
+    """Measure one claim of a recipe (``text``, ``learner``, ``k``, and ``below``, ``above`` or ``better_than``)."""
     claim = Claim(**dict(spec))
     claim.measured = comparison.value(claim.learner, claim.k)
-    claim.holds = (claim.below is None or claim.measured < claim.below) and (
-        claim.above is None or claim.measured > claim.above
+    claim.others = {other: comparison.value(other, claim.k) for other in claim.better_than}
+    sign = 1 if comparison.lower_is_better else -1
+    claim.holds = (
+        (claim.below is None or claim.measured < claim.below)
+        and (claim.above is None or claim.measured > claim.above)
+        and all(sign * claim.measured < sign * value for value in claim.others.values())
     )
     return claim
 
@@ -197,8 +204,10 @@ def format_table(comparison: Comparison) -> str:
     if comparison.claims:
         lines += ["", "claims (paper vs measured)"]
         for claim in comparison.claims:
+            better = "<" if comparison.lower_is_better else ">"
             bound = " and ".join(
-                f"{op} {v:g}" for op, v in (("<", claim.below), (">", claim.above)) if v is not None
+                [f"{op} {v:g}" for op, v in (("<", claim.below), (">", claim.above)) if v is not None]
+                + [f"{better} {other}'s {value:.4f}" for other, value in claim.others.items()]
             )
             verdict = "holds" if claim.holds else "DOES NOT HOLD"
             lines.append(

@@ -102,13 +102,15 @@ class WandbConfig:
 
 @dataclass
 class ClaimConfig:
-    """A paper's claim the recipe checks: ``learner``'s metric at support size ``k`` below/above a value."""
+    """A paper's claim the recipe checks: ``learner``'s metric at support size ``k`` below/above a value, and/or
+    better than each learner named in ``better_than`` (lower or higher as the metric's direction says)."""
 
     text: str = ""
     learner: str = ""
     k: int = 0
     below: Optional[float] = None
     above: Optional[float] = None
+    better_than: list[str] = field(default_factory=list)
 
 
 PIPELINES = ("learners", "optimizer")
@@ -206,10 +208,16 @@ def validate(raw: DictConfig | dict, overrides: Sequence[str] = (), source: str 
     schema = OmegaConf.structured(RecipeConfig)
     try:
         config = OmegaConf.merge(schema, raw)
-        if overrides:
-            config = OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as error:
         raise ConfigError(f"{source}: {_describe(error)}") from error
+    for item in overrides:
+        try:
+            config = OmegaConf.merge(config, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"{source}: {_describe(error)}") from error
+        except (TypeError, ValueError) as error:  # e.g. a list entry addressed as claims.0.k=5
+            raise ConfigError(f"{source}: override {item!r} does not fit the recipe ({error}); to change an entry "
+                              "of a list, give the whole list (e.g. claims=[{...}])") from error
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(config, key)
         if value not in allowed:
@@ -230,9 +238,11 @@ def validate(raw: DictConfig | dict, overrides: Sequence[str] = (), source: str 
     except ValueError as error:
         raise ConfigError(f"{source}: compare.analysis: {error}") from error
     for i, claim in enumerate(config.claims):
-        if claim.learner not in config.learners:
-            raise ConfigError(f"{source}: claims[{i}].learner={claim.learner!r} is not one of the learners "
-                              f"{list(config.learners)}")
+        for key, name in [("learner", claim.learner)] + [(f"better_than[{j}]", n) for j, n in
+                                                         enumerate(claim.better_than)]:
+            if name not in config.learners:
+                raise ConfigError(f"{source}: claims[{i}].{key}={name!r} is not one of the learners "
+                                  f"{list(config.learners)}")
         if claim.k not in config.compare.support_sizes:
             raise ConfigError(f"{source}: claims[{i}].k={claim.k} is not in compare.support_sizes")
     return config

@@ -81,6 +81,9 @@ def test_resume_continues_an_interrupted_run_and_compare_reuses_it(recipe, tmp_p
         ("compare.analysis=[sensitivty]", "compare.analysis: compare analysis: unknown analysis 'sensitivty'"),
         ("evaluate=[{_target_: json.dumps}]", "evaluate[0]: json.dumps does not take ['experiment', 'run']"),
         ("compare.task={_target_: metaopt.tasks.Conjunction, n_bits: 2}", "compare.task gives 'binary' episodes"),
+        ("claims=[{learner: least_squares, k: 2, better_than: [ridge]}]",
+         "claims[0].better_than[0]='ridge' is not one of the learners"),
+        ("claims.0.k=4", "override 'claims.0.k=4' does not fit the recipe"),
     ],
 )
 def test_bad_overrides_fail_before_any_work_naming_the_key(recipe, tmp_path, capsys, override, fragment):

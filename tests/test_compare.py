@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from metaopt.compare import compare, format_table, plot
-from metaopt.learners import GradientDescent, LeastSquares, Ridge
+from metaopt.learners import Elimination, GradientDescent, LeastSquares, Null, Ridge
 from metaopt.metrics import bootstrap_band, prediction_similarity
-from metaopt.tasks import LinearRegression
+from metaopt.tasks import Conjunction, LinearRegression
 
 
 class ImplicitLeastSquares(LeastSquares):
@@ -75,3 +75,17 @@ def test_claims_report_and_plot(tmp_path):
     figure.savefig(tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert len(figure.axes[0].lines) == 2
+
+
+def test_relative_claims_follow_the_metric_direction():
+    learners = {"ls": LeastSquares(), "gd": GradientDescent(5, 0.2)}
+    result = compare(learners, LinearRegression(3), support_sizes=[6], num_tasks=50, progress=False,
+                     claims=[{"text": "LS beats GD", "learner": "ls", "k": 6, "better_than": ["gd"]},
+                             {"text": "GD beats LS", "learner": "gd", "k": 6, "better_than": ["ls"]}])
+    assert [c.holds for c in result.claims] == [True, False]
+    assert result.claims[0].others == {"gd": result.value("gd", 6)}
+    assert "expected < gd's" in format_table(result)
+    accuracy = compare({"e": Elimination(), "n": Null()}, Conjunction(6), support_sizes=[20],
+                       num_tasks=50, progress=False,
+                       claims=[{"text": "elimination beats chance", "learner": "e", "k": 20, "better_than": ["n"]}])
+    assert accuracy.claims[0].holds and "expected > n's" in format_table(accuracy)

@@ -5,7 +5,11 @@ import torch
 
 from metaopt.learners import GDPlusPlus, GradientDescent, LinearSelfAttention, TunedGDPlusPlus, TunedGradientDescent
 from metaopt.tasks import LinearDynamics, LinearRegression
-from tests.conftest import generator
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
 
 FAMILY = LinearRegression(6, x_dist="uniform", x_range=(-1.0, 1.0))
 

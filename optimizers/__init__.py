@@ -50,7 +50,7 @@ from optimizers.schedules import (
     linear_schedule,
     warmup_cosine_decay_schedule,
 )
-from optimizers.torch_adapter import FunctionalOptimizer, as_torch_optimizer
+from optimizers.torch_adapter import FunctionalOptimizer, InPlaceUpdate, as_torch_optimizer
 from optimizers.transforms import (
     ScaleByAdamState,
     ScaleByLionState,
@@ -85,6 +85,7 @@ __all__ = [
     "mlp_init",
     "EmptyState",
     "FunctionalOptimizer",
+    "InPlaceUpdate",
     "GradientTransformation",
     "LayerwiseMixture",
     "LayerwiseMixtureState",

@@ -11,30 +11,59 @@ Each parameter group keeps its own functional state, keyed by parameter name (``
 of parameters give names; plain parameters are keyed ``"0", "1", ...`` within their group). A group may carry
 its own functional optimizer under the key ``"optimizer"``. The group's ``"lr"`` (1.0 by default) multiplies the
 functional optimizer's updates, so ``torch.optim.lr_scheduler`` schedulers work on top of it.
+
+A functional optimizer whose ``update`` is an :class:`InPlaceUpdate` (the learned mixture's) is stepped through its
+in-place variant instead: the step needs no autograd graph and the adapter owns the state, so the state tensors and
+the parameters are overwritten rather than rebuilt, which is what makes the step about as cheap as ``torch.optim``'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Set
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from optimizers.base import GradientTransformation, OptState, Params
+from optimizers.base import GradientTransformation, OptState, Params, Updates, UpdateFn
 
-__all__ = ["FunctionalOptimizer", "as_torch_optimizer"]
+__all__ = ["FunctionalOptimizer", "InPlaceUpdate", "as_torch_optimizer"]
 
 ParamsArg = Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]] | Mapping[str, Tensor]
+
+
+class ApplyFn(Protocol):
+    def __call__(
+        self, grads: Updates, state: OptState, params: Params, *, loss: Tensor | None, lr: float, frozen: Set[str]
+    ) -> OptState: ...
+
+
+class InPlaceUpdate:
+    """A functional ``update`` that also offers an in-place step, the fast path of :class:`FunctionalOptimizer`.
+
+    Calling it is the pure ``update(grads, state, params, *, loss) -> (updates, state)``.
+    ``apply_(grads, state, params, *, loss, lr, frozen) -> state`` adds ``lr * updates`` to ``params`` in place
+    (except the names in ``frozen``, whose state still advances) and returns the next state, which may hold the
+    very tensors of ``state``, overwritten: it is only for a caller that owns the state and needs no autograd graph.
+    """
+
+    def __init__(self, update: UpdateFn, apply_: ApplyFn) -> None:
+        self._update = update
+        self.apply_ = apply_
+
+    def __call__(
+        self, grads: Updates, state: OptState, params: Params | None = None, *, loss: Tensor | None = None
+    ) -> tuple[Updates, OptState]:
+        return self._update(grads, state, params, loss=loss)
 
 
 class FunctionalOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` whose step is ``optimizer.update`` on the group's parameters.
 
     Parameters without a gradient at a step are left unchanged; the functional state still advances with a
-    zero gradient for them (a functional state moves as a whole). ``state_dict()`` stores the functional state's
-    tensors, ``load_state_dict()`` restores them into the structure that ``optimizer.init`` builds.
+    zero gradient for them (a functional state moves as a whole). ``state_dict()`` stores a copy of the functional
+    state's tensors, ``load_state_dict()`` restores them into the structure that ``optimizer.init`` builds.
     """
 
     def __init__(self, params: ParamsArg, optimizer: GradientTransformation, *, lr: float = 1.0) -> None:
@@ -60,7 +89,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
 
     @property
     def functional_states(self) -> list[OptState]:
-        """The functional optimizer state of each parameter group (read-only view)."""
+        """The functional optimizer state of each parameter group (read-only; an in-place step overwrites it)."""
         return list(self._states)
 
     @torch.no_grad()
@@ -76,18 +105,29 @@ class FunctionalOptimizer(torch.optim.Optimizer):
                 continue
             grads = {n: _dense_grad(n, p) for n, p in named.items()}
             params = {n: p.detach() for n, p in named.items()}
-            updates, self._states[index] = self._optimizers[index].update(
-                grads, self._states[index], params, loss=loss_value
-            )
+            update, state = self._optimizers[index].update, self._states[index]
+            if isinstance(update, InPlaceUpdate):
+                frozen = {n for n, p in named.items() if p.grad is None}
+                self._states[index] = update.apply_(
+                    grads, state, params, loss=loss_value, lr=group["lr"], frozen=frozen
+                )
+                continue
+            updates, self._states[index] = update(grads, state, params, loss=loss_value)
             for name, p in named.items():
                 if p.grad is not None:
                     p.add_(updates[name].to(p.dtype), alpha=group["lr"])
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        """The usual ``state`` / ``param_groups`` plus ``functional_state``: per group, the state's tensor leaves."""
+        """The usual ``state`` / ``param_groups`` plus ``functional_state``: per group, copies of the state's leaves.
+
+        Copies, so that a state dict kept in memory does not change under later in-place steps.
+        """
         state_dict = super().state_dict()
-        state_dict["functional_state"] = [pytree.tree_leaves(state) for state in self._states]
+        state_dict["functional_state"] = [
+            [leaf.clone() if isinstance(leaf, Tensor) else leaf for leaf in pytree.tree_leaves(state)]
+            for state in self._states
+        ]
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -12,8 +12,6 @@ from torch.func import functional_call, grad_and_value, vmap
 
 import optimizers as O
 
-
-
 LAYERS = ["0.weight", "0.bias", "2.weight", "2.bias"]
 GROUPS = {"hidden": ["0.weight", "0.bias"], "head": ["2.weight", "2.bias"]}
 
@@ -214,6 +212,51 @@ def test_checkpointed_learned_optimizer_runs_as_torch_optimizer(name):
     for a, b in zip(resumed.parameters(), straight.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     assert not torch.equal(straight[0].weight, _net()[0].weight)
+
+
+@pytest.mark.parametrize("eps_root", [0.0, 1e-12])  # 0: torch's fused Adam/SGD kernels; > 0: the in-place ops
+def test_in_place_torch_step_follows_the_reference_rule(eps_root):
+    """as_torch_optimizer's in-place step (float32) equals the directions' own update rule (float64), frozen included.
+
+    The bias receives no gradient from step 3 on: it stays put while its state advances with a zero gradient.
+    """
+    kwargs = {"adam": {"eps_root": eps_root}, "rmsprop": {"eps_root": eps_root}}
+    module = _perturbed(_mixture(direction_kwargs=kwargs), 0.1)
+    net = _net().float()
+    optimizer = O.as_torch_optimizer(copy.deepcopy(module).float().optimizer(), net.named_parameters())
+    assert isinstance(module.optimizer().update, O.InPlaceUpdate)
+    reference, params = module.optimizer(), _params()
+    state = reference.init(params)
+    for step in range(6):
+        net.zero_grad()
+        loss = ((net(X.float()) - Y.float()) ** 2).mean()
+        loss.backward()
+        grads, ref_loss = grad_and_value(_loss)(params)
+        if step >= 2:
+            net[2].bias.grad = None
+            grads["2.bias"] = torch.zeros_like(grads["2.bias"])
+        optimizer.step(loss=loss)
+        with torch.enable_grad():  # the graph path: each direction's own update
+            updates, state = reference.update(grads, state, params, loss=ref_loss)
+        params = {k: v if (k == "2.bias" and step >= 2) else v + updates[k] for k, v in params.items()}
+        for k, p in net.named_parameters():
+            torch.testing.assert_close(p.double(), params[k], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(net[0].weight, _net()[0].weight.float())
+
+
+def test_no_grad_update_equals_the_graph_update_and_leaves_the_state_alone():
+    optimizer, params = _perturbed(_mixture()).optimizer(), _params()
+    state = optimizer.init(params)
+    for _ in range(3):
+        grads, loss = grad_and_value(_loss)(params)
+        before = [t.clone() for t in torch.utils._pytree.tree_leaves(state)]
+        with torch.no_grad():
+            fast, _ = optimizer.update(grads, state, params, loss=loss)
+        assert all(torch.equal(a, b) for a, b in zip(before, torch.utils._pytree.tree_leaves(state)))
+        slow, state = optimizer.update(grads, state, params, loss=loss)
+        for k in slow:
+            torch.testing.assert_close(fast[k], slow[k], rtol=1e-10, atol=1e-12)
+        params = O.apply_updates(params, slow)
 
 
 # --- PerParameterMLP ------------------------------------------------------------------------------------------------

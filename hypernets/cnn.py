@@ -14,16 +14,21 @@ statistics.
 
 Strategies to run the convolutions of all tasks at once (all give the same numbers):
 
-- ``"grouped"``: tasks are folded into the channel dimension and every conv is one grouped
-  convolution with ``groups=T`` (``[N, T·C, H, W]``);
+- ``"grouped"``: tasks are folded into the channel dimension, channels-last (:func:`fold`: ``[N, T·C, H, W]``
+  with memory order ``N, H, W, T, C``), and every conv is one grouped convolution with ``groups=T``; the
+  activations stay folded from the first conv block to the logits layer;
 - ``"vmap"``: ``torch.func.vmap`` over tasks of a plain convolution;
 - ``"loop"``: a Python loop of plain per-task convolutions.
 
 Measured on this project's (loaded) 2-core CPU, one thread, forward + backward of 16 tasks × 30 images
-of 28×28 (``python -m hypernets.cnn``): width 4: grouped 66 ms, vmap 68 ms, loop 91 ms; width 8: 98,
-109, 144 ms; width 16: 294, 294, 290 ms; width 32: 672, 657, 667 ms. Folding tasks into one grouped
-convolution wins by ~1.4× at the small widths the HyperTransformer targets and ties from 16 channels
-on (vmap lowers to the same grouped kernel, plus overhead), so ``"auto"`` picks ``"grouped"``.
+of 28×28 (``python -m hypernets.cnn``), before the folded layout went channels-last: width 4: grouped 66 ms,
+vmap 68 ms, loop 91 ms; width 8: 98, 109, 144 ms; width 16: 294, 294, 290 ms; width 32: 672, 657, 667 ms.
+Folding tasks into one grouped convolution wins by ~1.4× at the small widths the HyperTransformer targets and
+ties from 16 channels on (vmap lowers to the same grouped kernel, plus overhead), so ``"auto"`` picks
+``"grouped"``. Channels-last matters on CPU: oneDNN's grouped convolution with one input channel per group
+and the 2×2 max-pool are both ~3–6× faster on channels-last tensors than on contiguous ``NCHW`` ones, and
+the folded batch-norm statistics are a cheap two-pass reduction (``torch.var_mean`` over those dimensions
+is ~10× slower).
 """
 
 from __future__ import annotations
@@ -89,6 +94,40 @@ def _widths(widths: int | Sequence[int]) -> tuple[int, ...]:
         raise ValueError(f"FunctionalCNN: widths must be a positive int or {NUM_CONV} positive ints; got {widths!r}; "
                          "expected e.g. 8 or [8, 8, 8, 8]")
     return values
+
+
+def fold(x: Tensor) -> Tensor:
+    """Per-task images ``[T, N, C, H, W]`` → task-folded, channels-last ``[N, T·C, H, W]`` (tasks = channel groups)."""
+    T, N, C, H, W = x.shape
+    return x.permute(1, 3, 4, 0, 2).contiguous().view(N, H, W, T * C).permute(0, 3, 1, 2)  # memory N, H, W, T, C
+
+
+def unfold(h: Tensor, num_tasks: int) -> Tensor:
+    """The inverse of :func:`fold` as a view: ``[N, T·C, ...]`` → ``[T, N, C, ...]``."""
+    return h.unflatten(1, (num_tasks, -1)).transpose(0, 1)
+
+
+def tile(v: Tensor, num_tasks: int) -> Tensor:
+    """``v`` repeated for every task along its first dimension (``T·len(v)``); a view for one task (unlike ``repeat``)."""
+    return v.expand(num_tasks, *v.shape).flatten(0, 1)
+
+
+def folded_conv(h: Tensor, weight: Tensor, bias: Tensor, *, stride: int | tuple[int, ...] = 1,
+                padding: int | tuple[int, ...] = 1) -> Tensor:
+    """Every task's convolution at once on folded activations ``[N, T·C, H, W]`` (one grouped conv, ``groups=T``).
+
+    ``weight`` ``[T, O, C, k, k]`` and ``bias`` ``[T, O]`` are per task (the generated layers); ``[O, C, k, k]``
+    and ``[O]`` are shared by all tasks (the HyperTransformer's feature extractors), repeated ``T`` times.
+    """
+    num_tasks = h.shape[1] // weight.shape[-3]
+    if weight.dim() == 4:
+        weight, bias = tile(weight, num_tasks), tile(bias, num_tasks)
+    else:
+        weight, bias = weight.flatten(0, 1), bias.flatten()
+    out = F.conv2d(h, weight, bias, stride=stride, padding=padding, groups=num_tasks)
+    # a one-channel input (one task's images) is as contiguous as it is channels-last, and oneDNN then answers
+    # NCHW; keep the folded layout channels-last (a no-op otherwise) so that pooling stays fast
+    return out.contiguous(memory_format=torch.channels_last)
 
 
 class FunctionalCNN(nn.Module):
@@ -164,16 +203,10 @@ class FunctionalCNN(nn.Module):
 
     # ------------------------------------------------------------------ layers
     def _conv(self, weight: Tensor, bias: Tensor, h: Tensor) -> Tensor:
-        """Per-task 3×3 conv, padding 1: weights ``[T, O, C, 3, 3]``, bias ``[T, O]``, ``h`` ``[T, N, C, H, W]``."""
-        num_tasks, n = h.shape[:2]
-        strategy = self.resolved_strategy()
-        if strategy == "grouped":
-            folded = h.transpose(0, 1).reshape(n, -1, *h.shape[-2:])  # [N, T·C, H, W]
-            out = F.conv2d(folded, weight.flatten(0, 1), bias.flatten(), padding=1, groups=num_tasks)
-            return out.view(n, num_tasks, -1, *out.shape[-2:]).transpose(0, 1)
-        if strategy == "vmap":
+        """Per-task 3×3 conv, padding 1, one task at a time (``vmap`` or ``loop``): ``h`` ``[T, N, C, H, W]``."""
+        if self.resolved_strategy() == "vmap":
             return torch.func.vmap(lambda w, b, x: F.conv2d(x, w, b, padding=1))(weight, bias, h)
-        return torch.stack([F.conv2d(h[t], weight[t], bias[t], padding=1) for t in range(num_tasks)])
+        return torch.stack([F.conv2d(h[t], weight[t], bias[t], padding=1) for t in range(h.shape[0])])
 
     def _norm(self, index: int, h: Tensor, norm_examples: int | None) -> Tensor:
         """Batch norm with per-task statistics of the first ``norm_examples`` inputs: ``h`` ``[T, N, C, H, W]``."""
@@ -182,23 +215,59 @@ class FunctionalCNN(nn.Module):
         scale = self.norm_weight[index].view(1, 1, -1, 1, 1) * torch.rsqrt(var + self.eps)
         return (h - mean) * scale + self.norm_bias[index].view(1, 1, -1, 1, 1)
 
+    def _folded_norm(self, index: int, h: Tensor, norm_examples: int | None) -> Tensor:
+        """:meth:`_norm` on folded activations ``[N, T·C, H, W]``: statistics per (task, channel).
+
+        With every input as reference this is one fused training-mode batch norm over the folded channels;
+        otherwise the statistics of the first ``norm_examples`` inputs, in two passes.
+        """
+        num_tasks = h.shape[1] // self.widths[index]
+        weight, bias = tile(self.norm_weight[index], num_tasks), tile(self.norm_bias[index], num_tasks)
+        if norm_examples is None or norm_examples >= h.shape[0]:
+            return torch.batch_norm(h, weight, bias, None, None, True, 0.0, self.eps, False)
+        dims = (0, 2, 3)
+        mean = h[:norm_examples].mean(dims, keepdim=True)
+        centered = h - mean
+        var = centered[:norm_examples].square().mean(dims, keepdim=True)
+        return torch.addcmul(bias.view(1, -1, 1, 1), centered, weight.view(1, -1, 1, 1) * torch.rsqrt(var + self.eps))
+
+    def folded_block(self, index: int, params: Params, h: Tensor, norm_examples: int | None = None) -> Tensor:
+        """Layer ``index`` on task-folded activations ``h`` ``[N, T·C, H, W]`` (:func:`fold`), whatever the strategy.
+
+        A conv block returns folded activations; the logits layer (``index`` 4) returns logits ``[T, N, K]``.
+        """
+        layer = self.layers[index]
+        weight, bias = params[f"{layer.name}_weight"], params[f"{layer.name}_bias"]
+        if not layer.is_conv:
+            return self.block(index, params, unfold(h, weight.shape[0]))
+        # pool before the ReLU: max commutes with it exactly, and the ReLU then touches 4× fewer numbers
+        h = F.max_pool2d(folded_conv(h, weight, bias), 2).relu_()
+        return self._folded_norm(index, h, norm_examples)
+
     def block(self, index: int, params: Params, h: Tensor, norm_examples: int | None = None) -> Tensor:
         """Layer ``index`` (0–3 conv blocks, 4 the logits) on activations ``h`` ``[T, N, *in_shape]``."""
         layer = self.layers[index]
         weight, bias = params[f"{layer.name}_weight"], params[f"{layer.name}_bias"]
         if not layer.is_conv:
             return torch.einsum("tnf,tkf->tnk", h.flatten(2), weight) + bias.unsqueeze(1)
+        if self.resolved_strategy() == "grouped":
+            return unfold(self.folded_block(index, params, fold(h), norm_examples), h.shape[0])
         num_tasks, n = h.shape[:2]
         h = F.relu(self._conv(weight, bias, h))
         h = F.max_pool2d(h.flatten(0, 1), 2).unflatten(0, (num_tasks, n))
         return self._norm(index, h, norm_examples)
 
     def features(self, params: Params, x: Tensor, norm_examples: int | None = None) -> Tensor:
-        """The flattened activations ``[T, N, F]`` after the four conv blocks."""
-        h = x
+        """The flattened activations ``[T, N, F]`` after the four conv blocks (folded once for ``grouped``)."""
+        if self.resolved_strategy() != "grouped":
+            h = x
+            for index in range(NUM_CONV):
+                h = self.block(index, params, h, norm_examples)
+            return h.flatten(2)
+        h = fold(x)
         for index in range(NUM_CONV):
-            h = self.block(index, params, h, norm_examples)
-        return h.flatten(2)
+            h = self.folded_block(index, params, h, norm_examples)
+        return unfold(h, x.shape[0]).flatten(2)
 
     def forward(self, params: Params, x: Tensor, norm_examples: int | None = None) -> Tensor:
         """Logits ``[T, N, num_classes]`` of images ``x`` ``[T, N, C, H, W]`` under per-task ``params``.

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hypernets.cnn import NUM_CONV, FunctionalCNN, LayerSpec, Params
+from hypernets.cnn import NUM_CONV, FunctionalCNN, LayerSpec, Params, fold, folded_conv, unfold
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
 
@@ -49,8 +49,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
         T, L, C = x.shape  # tasks, tokens, channels
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(T, L, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # [T, h, L, d]
+        qkv = self.c_attn(x).view(T, L, 3, self.n_head, C // self.n_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [T, h, L, d]
         mask = None if key_mask is None else key_mask[:, None, None, :]  # [T, 1, 1, L], broadcast over queries
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.c_proj(y.transpose(1, 2).reshape(T, L, C))
@@ -99,21 +99,22 @@ class ImageEmbedder(nn.Module):
 
     Strided convolutions rather than conv + max-pool: the embedder runs on every support image at full
     resolution, and on CPU the full-resolution max-pool cost more than the whole target CNN
-    (``benchmarks/bench_hypertransformer.py``).
+    (``benchmarks/bench_hypertransformer.py``). It reads the task-folded images (``hypernets.cnn.fold``) the
+    target CNN reads, so one grouped convolution embeds the images of every task.
     """
 
     def __init__(self, in_channels: int, channels: int, out_dim: int) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        for i in range(NUM_CONV):
-            layers += [nn.Conv2d(in_channels if i == 0 else channels, channels, 3, stride=2, padding=1), nn.ReLU()]
-        self.convs = nn.Sequential(*layers)
+        self.convs = nn.ModuleList([nn.Conv2d(in_channels if i == 0 else channels, channels, 3, stride=2, padding=1)
+                                    for i in range(NUM_CONV)])
         self.proj = nn.Linear(channels, out_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``[T, N, C, H, W]`` → ``[T, N, out_dim]``."""
-        h = self.convs(x.flatten(0, 1)).mean(dim=(-2, -1))
-        return self.proj(h).unflatten(0, x.shape[:2])
+    def forward(self, x: Tensor, num_tasks: int) -> Tensor:
+        """Folded images ``[N, T·C, H, W]`` → ``[T, N, out_dim]``."""
+        h = x
+        for conv in self.convs:
+            h = folded_conv(h, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding).relu_()
+        return self.proj(unfold(h.mean(dim=(-2, -1)), num_tasks))
 
 
 class ActivationFeatures(nn.Module):
@@ -130,11 +131,12 @@ class ActivationFeatures(nn.Module):
         else:
             self.net = nn.Linear(channels, out_dim)
 
-    def forward(self, h: Tensor) -> Tensor:
-        """``[T, N, *in_shape]`` → ``[T, N, out_dim]``."""
+    def forward(self, h: Tensor, num_tasks: int) -> Tensor:
+        """Task-folded input activations of the layer ``[N, T·C, H, W]`` → ``[T, N, out_dim]``."""
         if isinstance(self.net, nn.Linear):
-            return self.net(h.flatten(2))
-        return F.relu(self.net(h.flatten(0, 1))).mean(dim=(-2, -1)).unflatten(0, h.shape[:2])
+            return self.net(unfold(h, num_tasks).flatten(2))
+        h = folded_conv(h, self.net.weight, self.net.bias, stride=self.net.stride, padding=self.net.padding)
+        return unfold(h.relu_().mean(dim=(-2, -1)), num_tasks)
 
 
 # ---------------------------------------------------------------------- one generated layer
@@ -171,14 +173,14 @@ class LayerGenerator(nn.Module):
 
         Args:
             label_tokens, image_features: ``[T, M, label_dim]``, ``[T, M, image_dim]`` of the M support images.
-            activations: the layer's input activations of those images ``[T, M, *in_shape]``.
+            activations: the layer's input activations of those images, task-folded ``[M, T·C, H, W]``.
             label_table: the label embeddings ``[num_labels + 1, label_dim]`` (placeholders of logits layers).
             key_mask: ``[T, M]``, False hides a support token from every other token.
             previous: the previous task's slices of this layer ``[T, out_channels, slice_size]`` (feedback).
         """
         T, M = label_tokens.shape[:2]
         out = self.layer.out_channels
-        support = torch.cat([label_tokens, image_features, self.activation_features(activations)], dim=-1)
+        support = torch.cat([label_tokens, image_features, self.activation_features(activations, T)], dim=-1)
         placeholders = self.placeholders.expand(T, -1, -1)
         if self.label_placeholders:
             placeholders = placeholders + F.pad(label_table[:out], (0, placeholders.shape[-1] - self.label_dim))
@@ -266,20 +268,22 @@ class WeightGenerator(nn.Module):
         if num_labeled < 1:
             raise ValueError(f"the HyperTransformer needs at least one labelled support image per task; got "
                              f"{num_labeled} (leave support size 0 out of compare.support_sizes)")
-        label_tokens, image_features = self.labels(labels), self.embedder(x_tokens)
-        h = x_tokens if x_rest is None else torch.cat([x_tokens, x_rest], dim=1)
+        # the CNN runs task-folded (hypernets.cnn.fold) from the images to the logits: examples first, so h[:M]
+        # are the token images' activations, and every per-task or shared conv is one grouped convolution
+        h = fold(x_tokens if x_rest is None else torch.cat([x_tokens, x_rest], dim=1))
+        label_tokens, image_features = self.labels(labels), self.embedder(h[:M], T)
         params: Params = {}
         for index, layer in enumerate(self.cnn.layers):
             if layer.name in self.generators:
                 prev = None if previous is None else layer.to_slices(previous)
-                slices = self.generators[layer.name](label_tokens, image_features, h[:, :M], self.labels.weight,
+                slices = self.generators[layer.name](label_tokens, image_features, h[:M], self.labels.weight,
                                                      token_mask, prev)
                 params.update(layer.from_slices(slices))
             else:
                 for key in (f"{layer.name}_weight", f"{layer.name}_bias"):
                     params[key] = self.shared[key].expand(T, *self.shared[key].shape)
-            h = self.cnn.block(index, params, h, norm_examples=num_labeled)
-        return params, None if x_rest is None else h[:, M:]
+            h = self.cnn.folded_block(index, params, h, norm_examples=num_labeled)
+        return params, None if x_rest is None else h[:, M:]  # the logits layer returns [T, N, K]
 
 
 # ---------------------------------------------------------------------- the learner

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from metaopt.allocator import keep_freed_memory
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -24,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON results")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, as on CI machines)")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as the CLI does: ours and the references alike reuse freed memory
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -125,7 +125,7 @@ def conv_images(meta_batch: int = 16, ways: int = 5, queries: int = 15) -> dict:
     x = torch.randn(meta_batch, ways * (1 + queries), 1, 28, 28)
     y = torch.arange(ways).repeat(meta_batch, 1 + queries)
     episode = Episode(x[:, :ways], y[:, :ways], x[:, ways:], y[:, ways:], kind="classification", num_classes=ways)
-    return compare_meta_steps(conv4(1, 32, ways), episode, ["loop", "batched"], tolerance=1e-4, repeats=2)
+    return compare_meta_steps(conv4(1, 32, ways), episode, ["folded", "loop", "batched"], tolerance=1e-4, repeats=3)
 
 
 def saved_megabytes(fn) -> float:

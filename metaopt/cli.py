@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metaopt import compare as comparing
+from metaopt.allocator import keep_freed_memory
 from metaopt.config import (
     RECIPE_DIR,
     ConfigError,
@@ -271,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()  # large activations reuse freed memory instead of fresh pages (metaopt/allocator.py)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -93,12 +93,14 @@ def test_conv_strategies_agree():
     x = torch.randn(2, 6, 1, 16, 16, dtype=torch.float64)
     y = torch.arange(3).repeat(2, 2)
     episode = Episode(x[:, :3], y[:, :3], x[:, 3:], y[:, 3:], kind="classification", num_classes=3)
-    results = {s: meta_gradient(InnerLoop(net, sgd(0.1), 2, strategy=s), episode) for s in ("batched", "loop")}
+    results = {s: meta_gradient(InnerLoop(net, sgd(0.1), 2, strategy=s), episode) for s in ("batched", "folded", "loop")}
     reference = meta_gradient(InnerLoop(net, sgd(0.1), 2, backend="higher"), episode)
     for loss, grad in results.values():
         torch.testing.assert_close(loss, reference[0])
         torch.testing.assert_close(grad, reference[1])
-    assert InnerLoop(net, sgd(0.1), 2).resolved_strategy() == "loop"
+    assert InnerLoop(net, sgd(0.1), 2).resolved_strategy() == "folded"
+    unfoldable = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular"), nn.Flatten(), nn.Linear(512, 3))
+    assert InnerLoop(unfoldable, sgd(0.1), 2).resolved_strategy() == "loop"
     assert InnerLoop(small_mlp(), sgd(0.1), 2).resolved_strategy() == "batched"
     with pytest.raises(ValueError, match="batch/instance/layer norm"):  # functorch gets their meta-gradient wrong
         InnerLoop(net, sgd(0.1), 2, strategy="vmap")

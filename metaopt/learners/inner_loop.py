@@ -15,28 +15,29 @@ only from the last ``K`` steps while the initialisation keeps its direct path.
 Strategies of the ``func`` backend (all give the same numbers; ``tests/test_inner_loop.py``):
 
 - ``"batched"``: the initialisation is expanded to ``[T, ...]`` per-task weights, the model runs on all tasks
-  at once under ``torch.func.vmap`` (batched matmuls; for convolutions, task-folded grouped convolutions),
-  and one ``torch.autograd.grad`` of the summed task losses gives every task its own gradient, because
-  tasks share no weights.
+  at once under ``torch.func.vmap`` (batched matmuls; for convolutions, grouped convolutions), and one
+  ``torch.autograd.grad`` of the summed task losses gives every task its own gradient, because tasks share
+  no weights.
+- ``"folded"``: as ``"batched"``, but the model runs through :func:`~metaopt.learners.task_folding.folded_call`,
+  which keeps the tasks folded into the channels from the first layer to the last (one grouped convolution and
+  one batch norm per layer, no transposes between them); for ``nn.Sequential`` conv nets.
 - ``"vmap"``: ``torch.func.vmap`` over tasks of the whole loop with ``torch.func.grad_and_value`` inside
   (refused for models with batch, instance or layer norm, whose meta-gradients functorch gets wrong).
-- ``"loop"``: task by task, each with its own graph (plain convolutions, no ``[T, ...]`` weight stacks whose
-  per-task slices cost a full-size zero tensor each in the backward).
-- ``"auto"`` (default) picks ``"batched"`` for models without convolutions and ``"loop"`` for models with.
+- ``"loop"``: task by task, each with its own graph (plain convolutions).
+- ``"auto"`` (default) picks ``"batched"`` for models without convolutions, ``"folded"`` for conv nets it can
+  fold, and ``"loop"`` for other conv nets.
 
-Measured with ``python -m benchmarks maml --threads 1`` on this project's shared 2-core CPU (best of several
-meta-steps, forward + inner loop + meta-gradient; absolute times move with the machine's load, ratios less):
+Measured with ``python -m benchmarks maml`` (2 threads, best of several meta-steps, forward + inner loop +
+meta-gradient, gradients equal to higher's; ``benchmarks/results/maml.json`` has the latest figures):
 
-- MLP 1-40-40-1, 25 tasks, 10 shots, 5 SGD steps (0.04 GFLOP): ``batched`` 10-21 ms, ``vmap`` 13-22 ms (its
-  nested functorch levels cost more than the arithmetic), ``loop`` ~250 ms, ``higher`` 150-245 ms: batched
-  wins, 10-15× faster than ``higher`` with equal gradients.
-- 4-conv 32-channel CNN, 28×28, 5-way 1-shot, 15 queries per class, 16 tasks, 5 steps (36 GFLOP): ``loop``
-  3.5 s, ``batched`` (task-folded grouped convolutions) 4.6 s, ``higher`` 3.9 s; with 8 channels ``batched`` is
-  slightly ahead. The convolutions are compute-bound here (~10 GFLOP/s against 60-130 GFLOP/s for a 1024²
-  matmul), so ``auto`` takes ``loop`` for ``nn.Conv*`` models (the rule sees only those modules).
-- With 2 threads on the loaded machine every parallel region waits for the busy second core (~4 ms per
-  op), which ruins the batched path (1.9 s vs ``higher``'s 0.2 s, whose per-task ops are too small to be
-  parallelised): use one thread for small inner loops on a shared machine.
+- MLP 1-40-40-1, 25 tasks, 10 shots, 5 SGD steps (0.04 GFLOP): ``batched`` ~8 ms, ``vmap`` ~9 ms (its nested
+  functorch levels cost more than the arithmetic), ``loop`` and ``higher`` ~100 ms: batched wins by ~12×.
+- 4-conv 32-channel CNN, 28×28, 5-way 1-shot, 15 queries per class, 16 tasks, 5 steps (36 GFLOP): ``folded``
+  0.84 s, ``loop`` 1.3 s, ``batched`` 1.6 s, ``higher`` 1.27 s, learn2learn 1.18 s. Folding wins through
+  parallelism (its kernels are 16× larger; with one thread it ties with the loop) and needs the allocator
+  setting of :mod:`metaopt.allocator` (1.16 s without it: its 120 MB activations otherwise come as fresh pages
+  in every step). The work is memory-bound: batch norm, ReLU and max-pool on full-resolution activations and
+  the second-order terms of batch norm cost more than the convolutions.
 
 ``backend="higher"`` computes the same thing task by task with the ``higher`` library
 (``higher.innerloop_ctx``), the classic implementation, and serves as the reference in tests.
@@ -53,11 +54,12 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner, task_loss
+from metaopt.learners.task_folding import foldable, folded_call
 from optimizers import FunctionalOptimizer, GradientTransformation, Params, apply_updates
 
 INITS = ("zero", "random", "meta")
 BACKENDS = ("func", "higher")
-STRATEGIES = ("auto", "batched", "vmap", "loop")
+STRATEGIES = ("auto", "batched", "folded", "vmap", "loop")
 
 OptimizerLike = GradientTransformation | nn.Module
 
@@ -91,7 +93,7 @@ class InnerLoop(Learner):
         first_order: treat the inner gradients as constants (no second-order terms).
         truncate: backpropagate through the inner gradients of the last ``truncate`` steps only.
         backend: ``"func"`` (vectorised over tasks) or ``"higher"`` (per-task loop with ``higher``, reference).
-        strategy: how the ``func`` backend vectorises (module docstring): auto, batched, vmap or loop.
+        strategy: how the ``func`` backend vectorises (module docstring): auto, batched, folded, vmap or loop.
         adapt: names (or name prefixes) of the parameters the inner loop adapts; the others are shared by all
             tasks and meta-learned when ``init="meta"`` (ANIL adapts only the head). ``None`` adapts all. When
             the model is an ``nn.Sequential`` whose leading layers hold no adapted weight, the func backend runs
@@ -142,7 +144,7 @@ class InnerLoop(Learner):
         if strategy == "vmap" and any(isinstance(m, _WRONG_UNDER_VMAP_GRAD) for m in model.modules()):
             raise ValueError("InnerLoop: strategy='vmap' gives wrong meta-gradients through batch/instance/layer norm "
                              "(functorch batching rule, pytorch/functorch#534); got a model with one; expected "
-                             "strategy 'auto', 'batched' or 'loop'")
+                             "strategy 'auto', 'batched', 'folded' or 'loop'")
         self.model = model
         self.steps, self.init, self.first_order, self.truncate = steps, init, bool(first_order), truncate
         self.backend, self.strategy = backend, strategy
@@ -185,7 +187,9 @@ class InnerLoop(Learner):
         """The ``func`` strategy actually used (``auto`` resolved by the model's layers)."""
         if self.strategy != "auto":
             return self.strategy
-        return "loop" if _has_convolution(self.model) else "batched"
+        if not _has_convolution(self.model):
+            return "batched"
+        return "folded" if foldable(self._inner_model()) else "loop"
 
     def _constant_step(self, step: int) -> bool:
         """Whether the inner gradient of ``step`` is treated as a constant (first-order or truncated away)."""
@@ -207,14 +211,21 @@ class InnerLoop(Learner):
         weights = {n: p for n, p in shared.items() if int(n.split(".", 1)[0]) < self.body_size}
         return vmap(lambda inputs: functional_call(body, weights, (inputs,)))(x)
 
+    def _inner_shared(self, shared: Params) -> Params:
+        """The shared weights of the layers after the frozen body."""
+        if not self.body_size:
+            return shared
+        return {n: p for n, p in shared.items() if int(n.split(".", 1)[0]) >= self.body_size}
+
     def _call(self, params: Params, shared: Params, x: Tensor) -> Tensor:
-        model = self._inner_model()
-        if self.body_size:
-            shared = {n: p for n, p in shared.items() if int(n.split(".", 1)[0]) >= self.body_size}
-        return functional_call(model, {**shared, **params}, (x,))
+        return functional_call(self._inner_model(), {**self._inner_shared(shared), **params}, (x,))
 
     def _run_tasks(self, params: Params, shared: Params, x: Tensor, strategy: str) -> Tensor:
         """Model outputs for every task: per-task weights ``[T, ...]`` and inputs ``[T, N, *x]``."""
+        if strategy == "folded":
+            num_tasks = x.shape[0]
+            shared = {k: v.expand(num_tasks, *v.shape) for k, v in self._inner_shared(shared).items()}
+            return folded_call(self._inner_model(), {**shared, **params}, x)
         if strategy == "loop":
             return torch.stack([self._call({k: v[t] for k, v in params.items()}, shared, x[t])
                                 for t in range(x.shape[0])])

@@ -137,7 +137,7 @@ def test_maml_meta_training_lowers_the_query_loss_on_sinusoids():
     assert result.val_loss < 0.5 * before
 
 
-@pytest.mark.parametrize("recipe", ["maml_sinusoid", "maml_digits"])
+@pytest.mark.parametrize("recipe", ["maml_sinusoid", "maml_digits", "maml_glyphs"])
 def test_recipe_runs_end_to_end_when_shrunk(recipe, tmp_path):
     overrides = ["threads=1", "progress=false", "wandb.mode=disabled", "train.steps=2", "train.batch_size=2",
                  "train.val_every=2", "train.val_tasks=2", "train.checkpoint_every=2", "train.warmup_steps=1",

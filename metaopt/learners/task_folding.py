@@ -73,9 +73,6 @@ def _flatten(module: nn.Flatten, weights: Weights, h: Tensor) -> Tensor:
 
 def _channelwise(module: nn.Module, weights: Weights, h: Tensor) -> Tensor:
     del weights
-    if isinstance(module, nn.MaxPool2d):
-        folded = h.flatten(1, 2).contiguous(memory_format=torch.channels_last)
-        return module(folded).contiguous().unflatten(1, (h.shape[1], -1))
     return module(h.flatten(1, 2)).unflatten(1, (h.shape[1], -1))
 
 

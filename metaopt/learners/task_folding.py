@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metaopt.learners.fast_layers import batch_norm_batch_stats, max_pool2d
+
 # Layers that act on every channel of every example alone: they run on the folded batch as they are.
 _CHANNELWISE = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
@@ -52,7 +54,11 @@ def _conv(module: nn.modules.conv._ConvNd, weights: Weights, h: Tensor) -> Tenso
 
 def _batch_norm(module: nn.modules.batchnorm._BatchNorm, weights: Weights, h: Tensor) -> Tensor:
     scale, shift = (weights[k].flatten() if k in weights else None for k in ("weight", "bias"))
-    out = F.batch_norm(h.flatten(1, 2), None, None, scale, shift, training=True, eps=module.eps)
+    folded = h.flatten(1, 2)
+    if folded.dim() == 4 and scale is not None and shift is not None:
+        out = batch_norm_batch_stats(folded, scale, shift, module.eps)
+    else:
+        out = F.batch_norm(folded, None, None, scale, shift, training=True, eps=module.eps)
     return out.unflatten(1, (h.shape[1], -1))
 
 
@@ -73,7 +79,21 @@ def _flatten(module: nn.Flatten, weights: Weights, h: Tensor) -> Tensor:
 
 def _channelwise(module: nn.Module, weights: Weights, h: Tensor) -> Tensor:
     del weights
-    return module(h.flatten(1, 2)).unflatten(1, (h.shape[1], -1))
+    folded = h.flatten(1, 2)
+    if _plain_max_pool2d(module) and folded.dim() == 4:
+        out = max_pool2d(folded, _pair(module.kernel_size), _pair(module.stride or module.kernel_size))
+    else:
+        out = module(folded)
+    return out.unflatten(1, (h.shape[1], -1))
+
+
+def _plain_max_pool2d(module: nn.Module) -> bool:
+    return (isinstance(module, nn.MaxPool2d) and _pair(module.padding) == [0, 0]
+            and _pair(module.dilation) == [1, 1] and not module.ceil_mode)
+
+
+def _pair(value: int | tuple[int, ...]) -> list[int]:
+    return [value, value] if isinstance(value, int) else list(value)
 
 
 def _folded_layer(module: nn.Module) -> Callable[[nn.Module, Weights, Tensor], Tensor] | None:

@@ -35,8 +35,8 @@ def _step_time() -> dict:
     ours = O.as_torch_optimizer(mixture.optimizer(), net.named_parameters())
     adam = torch.optim.Adam(net.parameters(), lr=1e-3, foreach=True)
     loss = torch.tensor(1.0)
-    mixture_s = best_of(lambda: ours.step(loss=loss), repeats=10, warmup=2)
-    adam_s = best_of(adam.step, repeats=10, warmup=2)
+    mixture_s = best_of(lambda: ours.step(loss=loss), repeats=50, warmup=5)
+    adam_s = best_of(adam.step, repeats=50, warmup=5)
     return {"parameters": sum(p.numel() for p in net.parameters()), "layerwise_mixture_step_s": mixture_s,
             "torch_adam_foreach_step_s": adam_s, "ratio": mixture_s / adam_s, "target_ratio": 2.0}
 

@@ -251,8 +251,8 @@ class LayerwiseMixture(nn.Module):
         fused = _fusable(targets, grads, states)
         states = [s._replace(count=s.count + 1) if n == "adam" else s for n, s in zip(self.direction_names, states)]
         like = next(iter(grads.values()))
-        counts = [  # Adam's step t in the fused kernel's format
-            torch.full((), float(s.count), dtype=torch.float32, device=like.device) if n == "adam" else None
+        counts = [  # the step t of the fused Adam kernel (RMSProp runs it at t = 1), in its format
+            torch.full((), float(s.count) if n == "adam" else 1.0, dtype=torch.float32, device=like.device)
             for n, s in zip(self.direction_names, states)
         ]
         rank = {"sign": 0, "rmsprop": 1}
@@ -269,7 +269,7 @@ class LayerwiseMixture(nn.Module):
                 elif name == "momentum":
                     _momentum_(target, g, state.trace[k], c, fused, **hp)
                 elif name == "rmsprop":
-                    _rmsprop_(target, g, state.nu[k], c, temporary, fused, holds_signs=signs, **hp)
+                    _rmsprop_(target, g, state.nu[k], c, temporary, counts[b], fused, holds_signs=signs, **hp)
                 else:
                     _adam_(target, g, state.mu[k], state.nu[k], c, counts[b], temporary, fused, **hp)
                 signs = signs and name == "sign"
@@ -330,12 +330,9 @@ def _fusable(targets: Params, grads: Params, states: Sequence[NamedTuple]) -> bo
     for state in states:
         for field in state:
             tensors.extend(field.values() if isinstance(field, Mapping) else [field])
-    first = tensors[0]
-    return first.device.type in ("cpu", "cuda") and all(
-        t.is_contiguous() and t.dtype == first.dtype and t.device == first.device
-        for t in tensors
-        if t.is_floating_point()
-    )
+    floats = [t for t in tensors if t.is_floating_point()]
+    return (floats[0].device.type in ("cpu", "cuda") and all(t.is_contiguous() for t in floats)
+            and len({(t.dtype, t.device) for t in floats}) == 1)
 
 
 def _fused_adam(
@@ -385,20 +382,20 @@ def _adam_(
 
 
 def _rmsprop_(
-    target: Tensor, g: Tensor, nu: Tensor, c: float, scratch: Tensor, fused: bool, *, holds_signs: bool, alpha: float,
-    eps: float, eps_root: float,
+    target: Tensor, g: Tensor, nu: Tensor, c: float, scratch: Tensor, one: Tensor, fused: bool, *, holds_signs: bool,
+    alpha: float, eps: float, eps_root: float,
 ) -> None:
     """``target += c · g_t / (sqrt(v_t + eps_root) + eps)`` (RMSProp's direction), advancing ``nu`` in place.
 
     With ``eps_root = 0`` this is Adam with ``b1 = 0`` (so ``m_t = g_t``) and ``b2 = alpha`` at step 1, whose bias
     correction ``sqrt(1 - alpha)`` of ``sqrt(v)`` is undone by dividing ``lr`` and ``eps`` by it: the fused kernel.
     Its first moment ``m`` is ``0 · m + g``: any ``m`` finite where ``g`` is gives ``g``, so ``scratch`` need not be
-    zeroed when it ``holds_signs`` of ``g`` (the sign direction's output).
+    zeroed when it ``holds_signs`` of ``g`` (the sign direction's output). ``one`` is the step t = 1 (float32 tensor).
     """
     if eps_root == 0 and fused:
         k = math.sqrt(1.0 - alpha)
         first_moment = scratch if holds_signs else scratch.zero_()
-        _fused_adam(target, g, first_moment, nu, c / k, torch.ones((), device=g.device), b1=0.0, b2=alpha, eps=eps / k)
+        _fused_adam(target, g, first_moment, nu, c / k, one, b1=0.0, b2=alpha, eps=eps / k)
         return
     nu.lerp_(torch.mul(g, g, out=scratch), 1.0 - alpha)
     target.addcdiv_(g, torch.add(nu, eps_root, out=scratch).sqrt_().add_(eps), value=c)

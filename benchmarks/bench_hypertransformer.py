@@ -7,11 +7,13 @@ trained generator is deployed, under ``torch.inference_mode`` (also timed under 
 own default strategy. The HyperTransformer should be at least 10× faster: it runs the CNN once, forward only,
 while the inner loop runs it forward and backward five times.
 
-Measured with ``python -m benchmarks hypertransformer`` (2 threads, quiet machine): width 8, 100 tasks (the
-batch ``metaopt compare`` evaluates): 17.4 ms vs 215 ms (12.4×; 12.1× under no_grad); 16 tasks: 4.9 ms vs
-49.6 ms (10.2×; 9.7×); one task: 2.5 ms vs 20.9 ms (8.4×); width 32, 16 tasks: 10.8 ms vs 147 ms (13.6×). One episode alone is bound by per-operation overhead (about 400 small ops: twelve
-convolutions of ~60 µs and five one-block encoders), which MAML's larger steps amortise better. Predicting the
-queries as well (both learners) narrows the ratio to 5.5–7.9×: the queries' forward pass is the same for both.
+Measured with ``python -m benchmarks hypertransformer`` (2 threads, quiet machine, two runs): width 8,
+100 tasks (the batch ``metaopt compare`` evaluates): 17 ms vs 220 ms (12.8–13.1×; 12.0–12.3× under no_grad);
+16 tasks: 4.9–5.1 ms vs 51 ms (10.0–10.4×; 9.8×); one task: 1.9 ms vs 21.4 ms (11.2–11.3×; 9.9–10.0×);
+width 32, 16 tasks: 11 ms vs 151 ms (13.5–13.8×). One episode alone is bound by per-operation overhead
+(~1200 small ops); for it the target CNN's convolutions run on torch's native kernel, 25% faster than oneDNN's
+at these sizes (``hypernets.cnn.folded_conv``). Predicting the queries as well (both learners) narrows the
+ratio to 5.4–9×: the queries' forward pass is the same for both.
 """
 
 from __future__ import annotations

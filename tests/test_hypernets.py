@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from hypernets import FunctionalCNN, HyperTransformer, TargetCNN
+from hypernets.cnn import fold, folded_conv, unfold
 from metaopt.episodes import Episode
 
 WAYS = 3
@@ -66,6 +67,22 @@ def test_cnn_strategies_agree_and_match_a_per_task_module():
         ref[-1].weight.copy_(params["logits_weight"][1])
         ref[-1].bias.copy_(params["logits_bias"][1])
     torch.testing.assert_close(cnn(params, x)[1], ref(x[1]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tasks", [1, 3])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shared", [False, True])
+def test_folded_conv_without_gradients_equals_the_grouped_convolution(tasks, stride, shared):
+    """One task without autograd runs torch's native kernel, several a grouped oneDNN conv: same numbers."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tasks, 4, 2, 9, 9, generator=g)
+    weight = torch.randn(*(() if shared else (tasks,)), 3, 2, 3, 3, generator=g)
+    bias = torch.randn(*(() if shared else (tasks,)), 3, generator=g)
+    with torch.no_grad():
+        fast = unfold(folded_conv(fold(x), weight, bias, stride=stride), tasks)
+    per_task = [torch.nn.functional.conv2d(x[t], weight if shared else weight[t], bias if shared else bias[t],
+                                           stride=stride, padding=1) for t in range(tasks)]
+    torch.testing.assert_close(fast, torch.stack(per_task), rtol=1e-5, atol=1e-5)
 
 
 def test_cnn_refuses_bad_widths_and_params():

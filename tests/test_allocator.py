@@ -32,7 +32,7 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
     tuned, faults = _last_steps_faults("tuned")
     assert tuned == "True" and faults < PAGES // 20
     _, default_faults = _last_steps_faults("default")
-    assert default_faults > PAGES // 2  # glibc's default: fresh pages for every large allocation
+    assert default_faults > max(10 * faults, 100)  # glibc's default: fresh (perhaps huge) pages in every step
 
 
 def test_opt_out_by_environment(monkeypatch):

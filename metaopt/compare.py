@@ -142,7 +142,7 @@ def compare(
     for a, curve_a in curves.items():
         for b, curve_b in curves.items():
             if curve_a.implicit and not curve_b.implicit:
-                sim = prediction_similarity(predictions[a], predictions[b])
+                sim = prediction_similarity(predictions[a], predictions[b], logits=episode.kind == "classification")
                 similarity[f"{a} vs {b}"] = {key: value.tolist() for key, value in sim.items()}
     comparison = Comparison(metric.name, metric.lower_is_better, support_sizes, num_tasks, curves, similarity)
     comparison.claims = [check_claim(comparison, claim) for claim in claims]
@@ -195,7 +195,7 @@ def format_table(comparison: Comparison) -> str:
         for name, curve in comparison.curves.items()
     }, headers)
     if comparison.similarity:
-        lines += ["", "prediction similarity: cosine / mean |difference|"]
+        lines += ["", "prediction similarity: cosine / mean |difference| (of class probabilities for classification)"]
         lines += format_grid("pair", {
             pair: [f"{sim['cosine'][i]:.3f}/{sim['mean_abs_diff'][i]:.3g}" for i in index]
             for pair, sim in comparison.similarity.items()

@@ -80,11 +80,15 @@ def bootstrap_band(
     return low, high
 
 
-def prediction_similarity(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+def prediction_similarity(a: torch.Tensor, b: torch.Tensor, *, logits: bool = False) -> dict[str, torch.Tensor]:
     """Cosine similarity and mean absolute difference of two learners' predictions ``[K, T, Q, ...]``.
 
-    Prediction vectors are flattened over tasks and queries, one value per support size k.
+    Prediction vectors are flattened over tasks and queries, one value per support size k. ``logits=True``
+    (classification, classes last) compares class probabilities instead: logits carry an arbitrary offset
+    per query, and classes a learner may not choose are masked with huge negative numbers.
     """
+    if logits:
+        a, b = a.double().softmax(-1), b.double().softmax(-1)
     a_flat, b_flat = a.flatten(1).double(), b.flatten(1).double()
     return {
         "cosine": F.cosine_similarity(a_flat, b_flat, dim=1, eps=1e-12).float(),

@@ -54,6 +54,18 @@ def test_similarity_of_a_learner_with_itself_is_exact_and_of_a_scaled_copy_known
     torch.testing.assert_close(sim["mean_abs_diff"], 3 * a.flatten(1).abs().mean(1))
 
 
+def test_classification_logits_are_compared_as_probabilities():
+    """A per-query offset and a masked class (−1e9 where the other has probability ~0) change nothing."""
+    logits = torch.randn(2, 4, 3, 5)
+    logits[..., 4] = -30.0  # a class neither learner picks
+    masked = logits + torch.randn(2, 4, 3, 1)
+    masked[..., 4] = -1e9
+    sim = prediction_similarity(logits, masked, logits=True)
+    torch.testing.assert_close(sim["cosine"], torch.ones(2))
+    torch.testing.assert_close(sim["mean_abs_diff"], torch.zeros(2), atol=1e-6, rtol=0)  # float32 logits
+    assert prediction_similarity(logits, masked)["mean_abs_diff"].min() > 1e7  # raw logits: meaningless
+
+
 def test_similarity_pairs_implicit_with_explicit_learners():
     result = compare({"icl": ImplicitLeastSquares(), "ls": LeastSquares(), "gd": GradientDescent(1, 0.1)},
                      LinearRegression(3), support_sizes=[1, 3, 6], num_tasks=50, progress=False)

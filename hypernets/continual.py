@@ -266,10 +266,13 @@ def plot_result(result: ContinualResult, title: str = "") -> Figure:
                 heat.text(tau, t, f"{matrix[t, tau].item():.2f}", ha="center", va="center", color="white", fontsize=8)
     heat.set_xlabel("task τ")
     heat.set_ylabel("after learning task t")
+    heat.set_xticks(range(matrix.shape[1]), [str(tau + 1) for tau in range(matrix.shape[1])])  # tasks count from 1,
+    heat.set_yticks(range(matrix.shape[0]), [str(t + 1) for t in range(matrix.shape[0])])  # as on the curves
     fig.colorbar(image, ax=heat)
     steps = range(1, matrix.shape[0] + 1)
     for tau in range(matrix.shape[1]):
         curves.plot(steps, matrix[:, tau].numpy(), marker="o", label=f"task {tau + 1}")
+    curves.set_xticks(list(steps))
     curves.set_xlabel("tasks learned t")
     curves.set_ylabel("accuracy")
     curves.legend(frameon=False, fontsize=8)

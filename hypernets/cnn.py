@@ -20,15 +20,13 @@ Strategies to run the convolutions of all tasks at once (all give the same numbe
 - ``"vmap"``: ``torch.func.vmap`` over tasks of a plain convolution;
 - ``"loop"``: a Python loop of plain per-task convolutions.
 
-Measured on this project's (loaded) 2-core CPU, one thread, forward + backward of 16 tasks × 30 images
-of 28×28 (``python -m hypernets.cnn``), before the folded layout went channels-last: width 4: grouped 66 ms,
-vmap 68 ms, loop 91 ms; width 8: 98, 109, 144 ms; width 16: 294, 294, 290 ms; width 32: 672, 657, 667 ms.
-Folding tasks into one grouped convolution wins by ~1.4× at the small widths the HyperTransformer targets and
-ties from 16 channels on (vmap lowers to the same grouped kernel, plus overhead), so ``"auto"`` picks
-``"grouped"``. Channels-last matters on CPU: oneDNN's grouped convolution with one input channel per group
-and the 2×2 max-pool are both ~3–6× faster on channels-last tensors than on contiguous ``NCHW`` ones, and
-the folded batch-norm statistics are a cheap two-pass reduction (``torch.var_mean`` over those dimensions
-is ~10× slower).
+Measured on this project's 2-core CPU (quiet), one thread, forward + backward of 16 tasks × 30 images of
+28×28 (``python -m hypernets.cnn``): width 4: grouped 22 ms, vmap 44 ms, loop 53 ms; width 8: 29, 76, 93 ms;
+width 16: 68, 122, 133 ms; width 32: 200, 302, 345 ms, so ``"auto"`` picks ``"grouped"``. Channels-last is
+what makes the folded layout win at every width on CPU: oneDNN's grouped convolution with one input channel per
+group and the 2×2 max-pool are both ~3–6× faster on channels-last tensors than on contiguous ``NCHW`` ones, and
+the folded batch-norm statistics are a cheap two-pass reduction (``torch.var_mean`` over those dimensions is
+~10× slower).
 """
 
 from __future__ import annotations

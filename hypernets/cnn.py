@@ -122,8 +122,8 @@ def folded_conv(h: Tensor, weight: Tensor, bias: Tensor, *, stride: int | tuple[
         weight, bias = tile(weight, num_tasks), tile(bias, num_tasks)
     else:
         weight, bias = weight.flatten(0, 1), bias.flatten()
-    if num_tasks == 1 and not torch.is_grad_enabled():
-        # one task at test time: oneDNN's ~40 µs set-up per call outweighs these small convolutions; torch's
+    if num_tasks == 1 and not torch.is_grad_enabled() and h.device.type == "cpu":
+        # one task at test time on CPU: oneDNN's ~40 µs set-up per call outweighs these small convolutions; torch's
         # native kernel (forward only here: its backward refuses channels-last) writes one episode 25% faster
         kernel = list(weight.shape[-2:])
         out = torch.ops.aten.thnn_conv2d(h, weight, kernel, bias, _pair(stride), _pair(padding))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from optimizers._checks import non_negative_float
 from optimizers.base import GradientTransformation, Scalar, Schedule, chain, identity
 from optimizers.transforms import (
     add_decayed_weights,
@@ -169,8 +170,7 @@ def adagrad(
     initial_accumulator_value: Scalar = 0.0,
 ) -> GradientTransformation:
     """Adagrad (Duchi et al. 2011), as ``torch.optim.Adagrad``: step size ``lr / (1 + t * lr_decay)``."""
-    if isinstance(lr_decay, bool) or not isinstance(lr_decay, float | int) or lr_decay < 0:
-        raise ValueError(f"invalid lr_decay: got {lr_decay!r}; expected a number >= 0")
+    non_negative_float("lr_decay", lr_decay, owner="adagrad")
     rate = (lambda count: lr / (1.0 + count.double() * lr_decay)) if lr_decay else lr
     return chain(
         adagrad_direction(eps, initial_accumulator_value=initial_accumulator_value), scale_by_learning_rate(rate)

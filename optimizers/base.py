@@ -31,7 +31,6 @@ __all__ = [
     "Updates",
     "apply_updates",
     "chain",
-    "check_hyperparameter",
     "identity",
     "stateless",
     "tree_map",
@@ -108,28 +107,6 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return grads, tuple(new_state)
 
     return GradientTransformation(init, update)
-
-
-def check_hyperparameter(
-    name: str, value: Scalar, *, low: float | None = None, high: float | None = None, high_inclusive: bool = False
-) -> None:
-    """Refuse a hyper-parameter outside ``[low, high)`` (or ``[low, high]``) with a readable message.
-
-    Tensor values (meta-learned hyper-parameters) only need a floating dtype; their value is not read, so that
-    construction works inside ``torch.func`` transforms.
-    """
-    if isinstance(value, Tensor):
-        if not value.is_floating_point():
-            raise ValueError(f"{name} must be a float or a floating-point tensor; got dtype {value.dtype}")
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number or a tensor; got {value!r}")
-    upper = "]" if high_inclusive else ")"
-    expected = f"{name} in [{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{upper}"
-    too_low = low is not None and value < low
-    too_high = high is not None and (value > high if high_inclusive else value >= high)
-    if too_low or too_high or value != value:
-        raise ValueError(f"invalid {name}: got {value!r}; expected {expected}")
 
 
 def zeros_like_tree(params: Params) -> Params:

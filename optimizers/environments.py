@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from optimizers._checks import positive_int
 from optimizers.base import GradientTransformation, OptState, Params, apply_updates
 
 __all__ = [
@@ -62,8 +63,9 @@ def mlp_init(sizes: Sequence[int], generator: torch.Generator, *, dtype: torch.d
     Keys are ``"{i}.weight"`` / ``"{i}.bias"`` per layer ``i``, so MLPs of the same depth share parameter names
     (a :class:`~optimizers.LayerwiseMixture` built for one runs on the others).
     """
-    if len(sizes) < 2 or any(not isinstance(s, int) or s < 1 for s in sizes):
-        raise ValueError(f"sizes must be >= 2 positive integers (input, hidden..., output); got {list(sizes)!r}")
+    if len(sizes) < 2:
+        raise ValueError(f"mlp_init: sizes must be >= 2 positive ints (input, hidden..., output); got {list(sizes)!r}")
+    sizes = [positive_int(f"sizes[{i}]", s, owner="mlp_init") for i, s in enumerate(sizes)]
     params = {}
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         bound = fan_in**-0.5
@@ -111,10 +113,9 @@ class Environment:
         y_test: Tensor | None = None,
         name: str = "environment",
     ) -> None:
-        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
-            raise ValueError(f"horizon must be an integer >= 1; got {horizon!r}")
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer or None (full batch); got {batch_size!r}")
+        positive_int("horizon", horizon, owner="Environment")
+        if batch_size is not None:
+            positive_int("batch_size", batch_size, owner="Environment")
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(f"x and y must hold the same, non-zero number of examples; got {len(x)} and {len(y)}")
         if isinstance(loss, str) and loss not in LOSSES:

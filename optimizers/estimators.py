@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from optimizers._checks import positive_float, positive_int
 from optimizers.environments import MetaParams, OptimizerFactory, TrainState, Unroll
 
 __all__ = [
@@ -88,13 +89,6 @@ class GradientEstimator(ABC):
         """Estimate ``∇φ L`` at ``meta_params`` (not modified); randomness comes from ``generator`` only."""
 
 
-def _check_positive(name: str, value: Any, *, integer: bool) -> None:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-        expected = "an integer >= 1" if integer else "a number > 0"
-        raise ValueError(f"invalid {name}: got {value!r}; expected {expected}")
-
-
 def _steps(steps: int | None, environment: UnrollEnvironment) -> int:
     return environment.horizon if steps is None else steps
 
@@ -125,7 +119,7 @@ class TruncatedBackprop(GradientEstimator):
     def __init__(self, steps: int | None = None, *, truncation: int | None, first_order: bool = False) -> None:
         for name, value in (("steps", steps), ("truncation", truncation)):
             if value is not None:
-                _check_positive(name, value, integer=True)
+                positive_int(name, value, owner=type(self).__name__)
         if steps is not None and truncation is not None and truncation > steps:
             raise ValueError(f"truncation must be <= steps; got truncation={truncation!r}, steps={steps!r}")
         self.steps, self.truncation, self.first_order = steps, truncation, first_order
@@ -158,9 +152,9 @@ class FullBackprop(TruncatedBackprop):
 class _Perturbations:
     """Antithetic perturbations ``±σ ε`` of a dict of meta-parameters, ``ε ~ N(0, I)`` drawn from a generator."""
 
-    def __init__(self, sigma: float, pairs: int) -> None:
-        _check_positive("sigma", sigma, integer=False)
-        _check_positive("pairs", pairs, integer=True)
+    def __init__(self, sigma: float, pairs: int, *, owner: str) -> None:
+        positive_float("sigma", sigma, owner=owner)
+        positive_int("pairs", pairs, owner=owner)
         self.sigma, self.pairs = float(sigma), pairs
 
     def draw(self, meta_params: MetaParams, generator: torch.Generator) -> dict[str, Tensor]:
@@ -200,9 +194,9 @@ class AntitheticES(GradientEstimator):
 
     def __init__(self, steps: int | None = None, *, sigma: float = 0.01, pairs: int = 8) -> None:
         if steps is not None:
-            _check_positive("steps", steps, integer=True)
+            positive_int("steps", steps, owner=type(self).__name__)
         self.steps = steps
-        self._perturb = _Perturbations(sigma, pairs)
+        self._perturb = _Perturbations(sigma, pairs, owner=type(self).__name__)
 
     @torch.no_grad()
     def estimate(self, environment, optimizer, meta_params, *, generator):
@@ -254,9 +248,9 @@ class PES(GradientEstimator):
     def __init__(self, steps: int | None = None, *, truncation: int, sigma: float = 0.01, pairs: int = 8) -> None:
         for name, value in (("steps", steps), ("truncation", truncation)):
             if value is not None:
-                _check_positive(name, value, integer=True)
+                positive_int(name, value, owner=type(self).__name__)
         self.steps, self.truncation = steps, truncation
-        self._perturb = _Perturbations(sigma, pairs)
+        self._perturb = _Perturbations(sigma, pairs, owner=type(self).__name__)
         self._particles: list[_Particle] = []
         self._done = 0
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
+from optimizers._checks import non_negative_float, positive_float, positive_int
 from optimizers.alias import DIRECTIONS
 from optimizers.base import GradientTransformation, Params, tree_map, zeros_like_tree
 from optimizers.torch_adapter import InPlaceUpdate
@@ -123,8 +124,8 @@ class LayerwiseMixture(nn.Module):
             raise ValueError(
                 f"unknown directions {unknown!r} in {list(directions)!r}; expected names from {sorted(DIRECTIONS)}"
             )
-        if not static and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
-            raise ValueError(f"horizon must be an integer >= 1 (the training length T); got {horizon!r}")
+        if not static:
+            positive_int("horizon", horizon, owner="LayerwiseMixture")
         lrs = {**DEFAULT_BASE_LRS, **(base_lrs or {})}
         initial = {"adam": 1.0} if initial is None else dict(initial)
         if not set(initial) <= set(directions) or not set(lrs) >= set(directions):
@@ -452,11 +453,10 @@ class PerParameterMLP(nn.Module):
             raise ValueError(
                 f"decays must lie in [0, 1); got momentum_decays={momentum_decays!r}, rms_decay={rms_decay!r}"
             )
-        if step_mult <= 0 or exp_mult < 0:
-            raise ValueError(f"step_mult must be > 0 and exp_mult >= 0; got {step_mult!r} and {exp_mult!r}")
         self.momentum_decays = tuple(float(d) for d in momentum_decays)
         self.rms_decay = float(rms_decay)
-        self.step_mult, self.exp_mult = step_mult, exp_mult
+        self.step_mult = positive_float("step_mult", step_mult, owner="PerParameterMLP")
+        self.exp_mult = non_negative_float("exp_mult", exp_mult, owner="PerParameterMLP")
         self.net = nn.Sequential(
             nn.Linear(self.num_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2)
         )

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from optimizers.base import Scalar, Schedule, check_hyperparameter
+from optimizers._checks import check_hyperparameter, non_negative_int, positive_int
+from optimizers.base import Scalar, Schedule
 
 __all__ = [
     "constant_schedule",
@@ -26,11 +27,6 @@ __all__ = [
 
 def _steps(count: Tensor | int) -> Tensor:
     return torch.as_tensor(count).to(torch.float64)
-
-
-def _check_steps(name: str, steps: int, *, minimum: int) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {steps!r}")
 
 
 def constant_schedule(value: Scalar) -> Schedule:
@@ -53,8 +49,8 @@ def linear_schedule(
     """
     check_hyperparameter("init_value", init_value)
     check_hyperparameter("end_value", end_value)
-    _check_steps("transition_steps", transition_steps, minimum=1)
-    _check_steps("transition_begin", transition_begin, minimum=0)
+    positive_int("transition_steps", transition_steps, owner="linear_schedule")
+    non_negative_int("transition_begin", transition_begin, owner="linear_schedule")
 
     def schedule(count: Tensor) -> Tensor:
         frac = ((_steps(count) - transition_begin) / transition_steps).clamp(0.0, 1.0)
@@ -71,7 +67,7 @@ def cosine_decay_schedule(init_value: Scalar, decay_steps: int, *, end_value: Sc
     """
     check_hyperparameter("init_value", init_value)
     check_hyperparameter("end_value", end_value)
-    _check_steps("decay_steps", decay_steps, minimum=1)
+    positive_int("decay_steps", decay_steps, owner="cosine_decay_schedule")
 
     def schedule(count: Tensor) -> Tensor:
         frac = _steps(count).clamp(max=decay_steps) / decay_steps
@@ -90,8 +86,8 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
             f"join_schedules got {len(schedules)} schedules and {len(boundaries)} boundaries; "
             "expected exactly one boundary between consecutive schedules"
         )
-    for b in boundaries:
-        _check_steps("each boundary", b, minimum=1)
+    for i, b in enumerate(boundaries):
+        positive_int(f"boundaries[{i}]", b, owner="join_schedules")
     if list(boundaries) != sorted(set(boundaries)):
         raise ValueError(f"boundaries must be strictly increasing; got {list(boundaries)!r}")
 
@@ -112,9 +108,12 @@ def warmup_cosine_decay_schedule(
 
     ``decay_steps`` counts the whole schedule, warm-up included (as in optax).
     """
-    _check_steps("warmup_steps", warmup_steps, minimum=1)
-    if not isinstance(decay_steps, int) or decay_steps <= warmup_steps:
-        raise ValueError(f"decay_steps must be an integer > warmup_steps={warmup_steps}; got {decay_steps!r}")
+    positive_int("warmup_steps", warmup_steps, owner="warmup_cosine_decay_schedule")
+    if positive_int("decay_steps", decay_steps, owner="warmup_cosine_decay_schedule") <= warmup_steps:
+        raise ValueError(
+            f"warmup_cosine_decay_schedule: decay_steps must be an int > warmup_steps={warmup_steps}; "
+            f"got {decay_steps!r}"
+        )
     return join_schedules(
         [
             linear_schedule(init_value, peak_value, warmup_steps),

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from optimizers._checks import non_negative_float
 from optimizers.base import GradientTransformation, OptState, Params, Updates, UpdateFn
 
 __all__ = ["FunctionalOptimizer", "InPlaceUpdate", "as_torch_optimizer"]
@@ -69,8 +70,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
     def __init__(self, params: ParamsArg, optimizer: GradientTransformation, *, lr: float = 1.0) -> None:
         if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
             raise ValueError(f"optimizer must have init and update functions; got {optimizer!r}")
-        if not isinstance(lr, float | int) or lr < 0:
-            raise ValueError(f"invalid lr: got {lr!r}; expected a number >= 0 (a multiplier on the updates)")
+        non_negative_float("lr", lr, owner="FunctionalOptimizer")
         self._default_optimizer = optimizer
         self._optimizers: list[GradientTransformation] = []
         self._states: list[OptState] = []

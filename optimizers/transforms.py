@@ -14,12 +14,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from optimizers._checks import check_hyperparameter
 from optimizers.base import (
     GradientTransformation,
     Params,
     Scalar,
     Schedule,
-    check_hyperparameter,
     identity,
     stateless,
     tree_map,

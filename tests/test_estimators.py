@@ -122,11 +122,11 @@ def test_estimators_leave_meta_parameters_alone_and_return_every_key():
 @pytest.mark.parametrize(
     "build, message",
     [
-        (lambda: AntitheticES(sigma=0.0), "invalid sigma"),
-        (lambda: AntitheticES(pairs=0), "invalid pairs"),
-        (lambda: PES(truncation=0), "invalid truncation"),
+        (lambda: AntitheticES(sigma=0.0), "AntitheticES: sigma must be a finite number > 0"),
+        (lambda: AntitheticES(pairs=0), "AntitheticES: pairs must be an int >= 1"),
+        (lambda: PES(truncation=0), "PES: truncation must be an int >= 1"),
         (lambda: TruncatedBackprop(4, truncation=5), "truncation must be <= steps"),
-        (lambda: Environment(mlp_apply, {}, X, X, horizon=0), "horizon must be an integer"),
+        (lambda: Environment(mlp_apply, {}, X, X, horizon=0), "Environment: horizon must be an int >= 1"),
         (lambda: Environment(mlp_apply, {}, X, X, horizon=3, loss="hinge"), "unknown loss"),
     ],
 )

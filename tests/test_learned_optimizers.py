@@ -276,7 +276,7 @@ def test_per_parameter_mlp_shapes_and_state():
 @pytest.mark.parametrize(
     "build, message",
     [
-        (lambda: O.LayerwiseMixture(LAYERS), "horizon must be an integer >= 1"),
+        (lambda: O.LayerwiseMixture(LAYERS), "LayerwiseMixture: horizon must be an int >= 1"),
         (
             lambda: O.LayerwiseMixture(LAYERS, horizon=5, directions=("adam", "sophia")),
             r"unknown directions \['sophia'\]",
@@ -288,7 +288,7 @@ def test_per_parameter_mlp_shapes_and_state():
         (lambda: O.LayerwiseMixture(LAYERS, horizon=5, direction_kwargs={"lion": {}}), "direction_kwargs names"),
         (lambda: O.LayerwiseMixture(LAYERS, horizon=5, direction_kwargs={"adam": {"b1": 2.0}}), "invalid b1"),
         (lambda: O.PerParameterMLP(momentum_decays=(0.9, 1.2)), "decays must lie in"),
-        (lambda: O.PerParameterMLP(step_mult=0.0), "step_mult must be > 0"),
+        (lambda: O.PerParameterMLP(step_mult=0.0), "step_mult must be a finite number > 0"),
     ],
 )
 def test_invalid_settings_are_refused(build, message):

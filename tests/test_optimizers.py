@@ -442,7 +442,8 @@ def test_load_state_dict_refuses_a_mismatched_state():
         (lambda: O.join_schedules([O.constant_schedule(1.0)], [3]), "one boundary between"),
         (lambda: O.warmup_cosine_decay_schedule(1.0, 10, 5), "decay_steps must be an int > warmup_steps"),
         (lambda: O.as_torch_optimizer(object(), [nn.Parameter(torch.ones(1))]), "init and update"),
-        (lambda: O.as_torch_optimizer(O.sgd(0.1), [nn.Parameter(torch.ones(1))], lr=-1.0), "lr must be a finite number >= 0"),
+        (lambda: O.as_torch_optimizer(O.sgd(0.1), [nn.Parameter(torch.ones(1))], lr=-1.0),
+         "FunctionalOptimizer: lr must be a finite number >= 0"),
     ],
 )
 def test_invalid_hyperparameters_are_refused(build, message):

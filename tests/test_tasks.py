@@ -45,7 +45,7 @@ def test_uniform_inputs_range_and_scale():
 
 @pytest.mark.parametrize(
     "kwargs, fragment",
-    [({"dim": 0}, "dim must be a positive int"), ({"dim": 3, "noise_std": -1}, "noise_std must be >= 0"),
+    [({"dim": 0}, "dim must be an int >= 1"), ({"dim": 3, "noise_std": -1}, "noise_std must be a finite number >= 0"),
      ({"dim": 3, "x_dist": "cauchy"}, "x_dist must be one of"), ({"dim": 3, "x_range": (1, -1)}, "low < high")],
 )
 def test_invalid_parameters_are_refused(kwargs, fragment):

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import torch
 
+from metaopt.checks import integer
 from metaopt.episodes import Episode, Kind
 from metaopt.metrics import Metric, default_metric
 
@@ -42,10 +43,8 @@ class TaskFamily(abc.ABC):
         if not self.curriculum_dims:
             raise ValueError(f"{type(self).__name__} does not support a dimension curriculum (train.curriculum.dims)")
         dim = getattr(self, "dim")
-        if not (isinstance(dims, int) and 1 <= dims <= dim):
-            raise ValueError(f"{type(self).__name__}: active dims must be an int in [1, dim={dim}]; got {dims!r}")
         stage = copy.copy(self)
-        stage.active_dims = dims
+        stage.active_dims = integer("active dims", dims, owner=type(self).__name__, low=1, high=dim)
         return stage
 
     def mask_inputs(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,8 +64,7 @@ class TaskFamily(abc.ABC):
     ) -> Episode:
         """Draw ``num_tasks`` tasks with ``support`` labelled examples and ``query`` queries each."""
         for name, value, low in (("num_tasks", num_tasks, 1), ("support", support, 0), ("query", query, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{type(self).__name__}.sample: {name} must be an int >= {low}; got {value!r}")
+            integer(name, value, owner=f"{type(self).__name__}.sample", low=low)
         if generator is None:
             generator = torch.Generator().manual_seed(torch.seed())
         return self._sample(num_tasks, support, query, generator).to(device)

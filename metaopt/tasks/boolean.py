@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from metaopt.checks import boolean, positive_int, probability
 from metaopt.episodes import Episode
 from metaopt.tasks.base import TaskFamily
 
@@ -44,18 +45,6 @@ def compact_rows(rows: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor,
     return packed, valid.sum(1)
 
 
-def check_bits(owner: str, n_bits: object) -> int:
-    if not isinstance(n_bits, int) or isinstance(n_bits, bool) or n_bits < 1:
-        raise ValueError(f"{owner}: n_bits must be an int >= 1; got {n_bits!r}")
-    return n_bits
-
-
-def check_probability(owner: str, name: str, value: object) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{owner}: {name} must be a probability in [0, 1]; got {value!r}")
-    return float(value)
-
-
 # ---------------------------------------------------------------------- base family
 class BooleanFamily(TaskFamily):
     """A class of Boolean functions f: {±1}^n -> {0, 1}, one function per task.
@@ -75,10 +64,8 @@ class BooleanFamily(TaskFamily):
 
     def __init__(self, n_bits: int, teaching: bool = False) -> None:
         name = type(self).__name__
-        self.n_bits = check_bits(name, n_bits)
-        if not isinstance(teaching, bool):
-            raise ValueError(f"{name}: teaching must be a bool; got {teaching!r}")
-        if teaching and not self.has_teaching:
+        self.n_bits = positive_int("n_bits", n_bits, owner=name)
+        if boolean("teaching", teaching, owner=name) and not self.has_teaching:
             raise ValueError(
                 f"{name}: teaching=True is not available; teaching sequences are defined for "
                 "Conjunction, Disjunction, SparseDisjunction, DNF/CNF (monotone=True), Parity and SparseParity"
@@ -161,8 +148,7 @@ class NormalForm(BooleanFamily):
         teaching: bool = False,
     ) -> None:
         name = type(self).__name__
-        if not isinstance(terms, int) or isinstance(terms, bool) or terms < 1:
-            raise ValueError(f"{name}: terms must be an int >= 1; got {terms!r}")
+        positive_int("terms", terms, owner=name)
         probs = tuple(float(p) for p in literal_probs)
         if len(probs) != 3 or min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
             raise ValueError(
@@ -174,7 +160,7 @@ class NormalForm(BooleanFamily):
         self.terms = terms
         self.cnf = bool(cnf)
         self.literal_probs = probs
-        self.force = check_probability(name, "force", force)
+        self.force = probability("force", force, owner=name)
         self.monotone = bool(monotone)
         super().__init__(n_bits, teaching)
         if teaching and terms > 1 and not monotone:
@@ -260,8 +246,7 @@ class SparseDisjunction(NormalForm):
     """Disjunctions of exactly ``k`` positive literals (k = 4 in the paper's code); 30% of points forced negative."""
 
     def __init__(self, n_bits: int, k: int = 4, teaching: bool = False) -> None:
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"SparseDisjunction: k must be an int >= 1; got {k!r}")
+        positive_int("k", k, owner="SparseDisjunction")
         if isinstance(n_bits, int) and k > n_bits:
             raise ValueError(f"SparseDisjunction: k must be <= n_bits={n_bits}; got k={k!r}")
         self.k = k
@@ -301,7 +286,7 @@ class Majority(BooleanFamily):
     f(x) = [sum_{i in subset} x_i > 0] (ties and the empty subset give 0, as sign(x·w − 0.5))."""
 
     def __init__(self, n_bits: int, p: float = 0.3) -> None:
-        self.p = check_probability("Majority", "p", p)
+        self.p = probability("p", p, owner="Majority")
         super().__init__(n_bits)
 
     def _functions(self, num_tasks: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -316,9 +301,7 @@ class ZeroOneThreshold(BooleanFamily):
     f(x) = [x·w > b]; ``info["w"]`` ``[T, n]`` and ``info["threshold"]`` ``[T]`` (the paper's "0-1 threshold")."""
 
     def __init__(self, n_bits: int, bound: int = 3) -> None:
-        if not isinstance(bound, int) or isinstance(bound, bool) or bound < 1:
-            raise ValueError(f"ZeroOneThreshold: bound must be an int >= 1; got {bound!r}")
-        self.bound = bound
+        self.bound = positive_int("bound", bound, owner="ZeroOneThreshold")
         super().__init__(n_bits)
 
     def _functions(self, num_tasks: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -334,9 +317,7 @@ class IntegerHalfspace(BooleanFamily):
     """Halfspace with integer weights ``info["w"]`` uniform in {−bound, …, bound}^n: f(x) = [x·w > ½]."""
 
     def __init__(self, n_bits: int, bound: int = 3) -> None:
-        if not isinstance(bound, int) or isinstance(bound, bool) or bound < 1:
-            raise ValueError(f"IntegerHalfspace: bound must be an int >= 1; got {bound!r}")
-        self.bound = bound
+        self.bound = positive_int("bound", bound, owner="IntegerHalfspace")
         super().__init__(n_bits)
 
     def _functions(self, num_tasks: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -382,8 +363,7 @@ class SparseParity(Parity):
     """Parity of a uniformly random ``k``-subset (k = 2 in the paper); teaching sequence as for ``Parity``."""
 
     def __init__(self, n_bits: int, k: int = 2, teaching: bool = False) -> None:
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"SparseParity: k must be an int >= 1; got {k!r}")
+        positive_int("k", k, owner="SparseParity")
         if isinstance(n_bits, int) and k > n_bits:
             raise ValueError(f"SparseParity: k must be <= n_bits={n_bits}; got k={k!r}")
         self.k = k
@@ -405,9 +385,7 @@ class NearestNeighbour(BooleanFamily):
     """
 
     def __init__(self, n_bits: int, random_prefix: int = 10) -> None:
-        if not isinstance(random_prefix, int) or isinstance(random_prefix, bool) or random_prefix < 1:
-            raise ValueError(f"NearestNeighbour: random_prefix must be an int >= 1; got {random_prefix!r}")
-        self.random_prefix = random_prefix
+        self.random_prefix = positive_int("random_prefix", random_prefix, owner="NearestNeighbour")
         super().__init__(n_bits)
 
     def _sample(self, num_tasks: int, support: int, query: int, generator: torch.Generator) -> Episode:

@@ -3,10 +3,12 @@ mesa-optimization algorithms in Transformers")."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
+from metaopt.checks import integer, non_negative_float, optional, positive_int
 from metaopt.episodes import Episode
-from metaopt.tasks._checks import require_float, require_int
 from metaopt.tasks.base import TaskFamily
 from metaopt.tasks.function_classes import split_episode
 from metaopt.tasks.regression import random_orthogonal
@@ -24,9 +26,9 @@ class LinearDynamics(TaskFamily):
     kind = "regression"
 
     def __init__(self, dim: int, length: int | None = None, noise: float = 0.01) -> None:
-        self.dim = require_int("LinearDynamics", "dim", dim)
-        self.length = None if length is None else require_int("LinearDynamics", "length", length, low=2)
-        self.noise = require_float("LinearDynamics", "noise", noise)
+        self.dim = positive_int("dim", dim, owner="LinearDynamics")
+        self.length = optional(partial(integer, low=2), "length", length, owner="LinearDynamics")
+        self.noise = non_negative_float("noise", noise, owner="LinearDynamics")
 
     @property
     def error_scale(self) -> float:

@@ -10,8 +10,8 @@ import math
 
 import torch
 
+from metaopt.checks import positive_int
 from metaopt.episodes import Episode
-from metaopt.tasks._checks import require_int
 from metaopt.tasks.base import TaskFamily
 
 
@@ -34,8 +34,8 @@ class SparseLinear(TaskFamily):
     curriculum_dims = True
 
     def __init__(self, dim: int, nonzeros: int = 3) -> None:
-        self.dim = require_int("SparseLinear", "dim", dim)
-        self.nonzeros = require_int("SparseLinear", "nonzeros", nonzeros)
+        self.dim = positive_int("dim", dim, owner="SparseLinear")
+        self.nonzeros = positive_int("nonzeros", nonzeros, owner="SparseLinear")
         if nonzeros > dim:
             raise ValueError(f"SparseLinear: nonzeros must be <= dim={dim}; got nonzeros={nonzeros!r}")
 
@@ -67,8 +67,8 @@ class DecisionTree(TaskFamily):
     curriculum_dims = True
 
     def __init__(self, dim: int, depth: int = 4) -> None:
-        self.dim = require_int("DecisionTree", "dim", dim)
-        self.depth = require_int("DecisionTree", "depth", depth)
+        self.dim = positive_int("dim", dim, owner="DecisionTree")
+        self.depth = positive_int("depth", depth, owner="DecisionTree")
         if depth > 20:
             raise ValueError(f"DecisionTree: depth must be <= 20 (2^depth leaves per task); got {depth!r}")
 
@@ -101,8 +101,8 @@ class ReluNet(TaskFamily):
     curriculum_dims = True
 
     def __init__(self, dim: int, hidden: int = 100) -> None:
-        self.dim = require_int("ReluNet", "dim", dim)
-        self.hidden = require_int("ReluNet", "hidden", hidden)
+        self.dim = positive_int("dim", dim, owner="ReluNet")
+        self.hidden = positive_int("hidden", hidden, owner="ReluNet")
 
     @property
     def error_scale(self) -> float:

@@ -7,9 +7,9 @@ from typing import Sequence
 
 import torch
 
+from metaopt.checks import non_negative_float, positive_int, sequence_of
 from metaopt.episodes import Episode
 from metaopt.metrics import AdjustedLoss, Metric
-from metaopt.tasks._checks import require_float, require_int
 from metaopt.tasks.base import TaskFamily
 from metaopt.tasks.function_classes import split_episode
 
@@ -26,11 +26,11 @@ class NoisyLinearRegression(TaskFamily):
     kind = "regression"
 
     def __init__(self, dim: int = 10, noise: float | Sequence[float] = 1.0) -> None:
-        self.dim = require_int("NoisyLinearRegression", "dim", dim)
+        self.dim = positive_int("dim", dim, owner="NoisyLinearRegression")
         if isinstance(noise, (int, float)) and not isinstance(noise, bool):
-            self.noise: float | tuple[float, ...] = require_float("NoisyLinearRegression", "noise", noise)
+            self.noise: float | tuple[float, ...] = non_negative_float("noise", noise, owner="NoisyLinearRegression")
         elif isinstance(noise, Sequence) and not isinstance(noise, str) and len(noise) > 0:
-            self.noise = tuple(require_float("NoisyLinearRegression", "noise[i]", v) for v in noise)
+            self.noise = sequence_of("noise", noise, non_negative_float, owner="NoisyLinearRegression")
         else:
             raise ValueError(
                 f"NoisyLinearRegression: noise must be σ_max >= 0 (σ_τ ~ U(0, σ_max)) or a non-empty list of "

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 
+from metaopt.checks import integer, non_negative_float, one_of, optional, positive_float, positive_int
 from metaopt.episodes import Episode
 from metaopt.tasks.base import TaskFamily
 
@@ -87,35 +89,26 @@ class LinearRegression(TaskFamily):
         y_scale: float = 1.0,
         active_dims: int | None = None,
     ) -> None:
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"LinearRegression: dim must be a positive int; got {dim!r}")
-        if noise_std < 0:
-            raise ValueError(f"LinearRegression: noise_std must be >= 0; got {noise_std!r}")
-        if x_dist not in X_DISTRIBUTIONS:
-            raise ValueError(f"LinearRegression: x_dist must be one of {X_DISTRIBUTIONS}; got {x_dist!r}")
+        owner = "LinearRegression"
+        dim = positive_int("dim", dim, owner=owner)
+        noise_std = non_negative_float("noise_std", noise_std, owner=owner)
+        one_of("x_dist", x_dist, X_DISTRIBUTIONS, owner=owner)
         low, high = (float(v) for v in x_range)
         if not low < high:
             raise ValueError(f"LinearRegression: x_range must be (low, high) with low < high; got {x_range!r}")
-        if covariance not in COVARIANCES:
-            raise ValueError(f"LinearRegression: covariance must be one of {COVARIANCES}; got {covariance!r}")
+        one_of("covariance", covariance, COVARIANCES, owner=owner)
         if covariance == "half_subspace" and dim < 2:
             raise ValueError(f"LinearRegression: covariance='half_subspace' needs dim >= 2; got dim={dim!r}")
-        if query_mode not in QUERY_MODES:
-            raise ValueError(f"LinearRegression: query_mode must be one of {QUERY_MODES}; got {query_mode!r}")
-        for name, value in (("x_scale", x_scale), ("y_scale", y_scale)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"LinearRegression: {name} must be a finite number > 0; got {value!r}")
-        if active_dims is not None and not (isinstance(active_dims, int) and 1 <= active_dims <= dim):
-            raise ValueError(f"LinearRegression: active_dims must be an int in [1, dim={dim}]; got {active_dims!r}")
+        one_of("query_mode", query_mode, QUERY_MODES, owner=owner)
         self.dim = dim
-        self.active_dims = active_dims
-        self.noise_std = float(noise_std)
+        self.active_dims = optional(partial(integer, low=1, high=dim), "active_dims", active_dims, owner=owner)
+        self.noise_std = noise_std
         self.x_dist = x_dist
         self.x_range = (low, high)
         self.covariance = covariance
         self.query_mode = query_mode
-        self.x_scale = float(x_scale)
-        self.y_scale = float(y_scale)
+        self.x_scale = positive_float("x_scale", x_scale, owner=owner)
+        self.y_scale = positive_float("y_scale", y_scale, owner=owner)
 
     @property
     def x_second_moment(self) -> float:

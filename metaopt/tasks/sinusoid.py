@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from metaopt.checks import non_negative_float
 from metaopt.episodes import Episode
 from metaopt.tasks.base import TaskFamily
 
@@ -40,9 +41,7 @@ class Sinusoid(TaskFamily):
         self.amplitude = _interval("Sinusoid", "amplitude", amplitude, low_bound=0.0)
         self.phase = _interval("Sinusoid", "phase", phase)
         self.x_range = _interval("Sinusoid", "x_range", x_range)
-        if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std >= 0):
-            raise ValueError(f"Sinusoid: noise_std must be a finite number >= 0; got {noise_std!r}")
-        self.noise_std = float(noise_std)
+        self.noise_std = non_negative_float("noise_std", noise_std, owner="Sinusoid")
 
     @property
     def error_scale(self) -> float:

@@ -7,7 +7,7 @@ from typing import Hashable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from metaopt.tasks._checks import require_int
+from metaopt.checks import integer
 from metaopt.tasks.images.source import SPLITS, ClassPool, FiniteImageSource, check_split
 
 # 6 and 9 share a split: with the rotation augmentation a 6 turned by 180° is a 9
@@ -24,7 +24,7 @@ class Digits(FiniteImageSource):
     """
 
     def __init__(self, size: int = 28, splits: Mapping[str, Sequence[int]] = DIGIT_SPLITS) -> None:
-        self.size = require_int("Digits", "size", size, low=8)
+        self.size = integer("size", size, owner="Digits", low=8)
         if set(splits) != set(SPLITS):
             raise ValueError(f"Digits: splits must map each of {SPLITS} to digits; got keys {sorted(splits)!r}")
         self.splits = {name: tuple(int(d) for d in splits[name]) for name in SPLITS}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from metaopt.checks import positive_int
 from metaopt.episodes import Episode
-from metaopt.tasks._checks import require_int
 from metaopt.tasks.base import TaskFamily
 from metaopt.tasks.images.layout import FewShotLayout, LayoutSizes
 from metaopt.tasks.images.rotations import RotatedClasses
@@ -19,7 +19,7 @@ def _image_size(value: int | tuple[int, int] | None) -> tuple[int, int] | None:
     size = (value, value) if isinstance(value, int) else tuple(value)
     if len(size) != 2:
         raise ValueError(f"FewShotImages: image_size must be an int or (height, width); got {value!r}")
-    return tuple(require_int("FewShotImages", "image_size", s) for s in size)  # type: ignore[return-value]
+    return tuple(positive_int("image_size", s, owner="FewShotImages") for s in size)  # type: ignore[return-value]
 
 
 class FewShotImages(LayoutSizes, TaskFamily):

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from metaopt.tasks._checks import require_float, require_int
+from metaopt.checks import integer, non_negative_float, non_negative_int, positive_int, sequence_of
 from metaopt.tasks.images.source import SPLITS, ImageSource, check_split
 
 MAX_STROKES = 4
@@ -182,12 +182,12 @@ class Glyphs(ImageSource):
     ) -> None:
         if not (isinstance(classes, (tuple, list)) and len(classes) == len(SPLITS)):
             raise ValueError(f"Glyphs: classes must be (train, val, test) class counts; got {classes!r}")
-        self.classes = tuple(require_int("Glyphs", f"classes[{i}]", n) for i, n in enumerate(classes))
-        self.size = require_int("Glyphs", "size", size, low=8)
-        self.seed = require_int("Glyphs", "seed", seed, low=0)
-        self.jitter = require_float("Glyphs", "jitter", jitter)
-        self.pose = require_float("Glyphs", "pose", pose)
-        self.samples_per_class = require_int("Glyphs", "samples_per_class", samples_per_class)
+        self.classes = sequence_of("classes", classes, positive_int, owner="Glyphs")
+        self.size = integer("size", size, owner="Glyphs", low=8)
+        self.seed = non_negative_int("seed", seed, owner="Glyphs")
+        self.jitter = non_negative_float("jitter", jitter, owner="Glyphs")
+        self.pose = non_negative_float("pose", pose, owner="Glyphs")
+        self.samples_per_class = positive_int("samples_per_class", samples_per_class, owner="Glyphs")
         self.image_shape = (1, self.size, self.size)
 
     def num_classes(self, split: str) -> int:

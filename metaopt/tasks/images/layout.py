@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from metaopt.checks import integer, non_negative_int, positive_int
 from metaopt.episodes import Episode
-from metaopt.tasks._checks import require_int
 
 
 def _shuffled(
@@ -37,10 +37,10 @@ class FewShotLayout:
     unlabeled_per_class: int = 0
 
     def __post_init__(self) -> None:
-        require_int("FewShotLayout", "ways", self.ways, low=2)
-        require_int("FewShotLayout", "shots", self.shots, low=1)
-        require_int("FewShotLayout", "queries", self.queries, low=1)
-        require_int("FewShotLayout", "unlabeled_per_class", self.unlabeled_per_class, low=0)
+        integer("ways", self.ways, owner="FewShotLayout", low=2)
+        positive_int("shots", self.shots, owner="FewShotLayout")
+        positive_int("queries", self.queries, owner="FewShotLayout")
+        non_negative_int("unlabeled_per_class", self.unlabeled_per_class, owner="FewShotLayout")
 
     @property
     def support_size(self) -> int:

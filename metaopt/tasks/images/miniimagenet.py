@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 from typing import Hashable
 
-from metaopt.tasks._checks import require_int
+from metaopt.checks import positive_int
 from metaopt.tasks.images.image_files import decode_images, image_files, layout_error, subfolders
 from metaopt.tasks.images.source import SPLITS, ClassPool, FiniteImageSource, check_split
 
@@ -29,7 +29,7 @@ class MiniImageNetFolder(FiniteImageSource):
 
     def __init__(self, root: str | Path, *, size: int = 84) -> None:
         self.root = Path(root).expanduser().resolve()
-        self.size = require_int("MiniImageNetFolder", "size", size)
+        self.size = positive_int("size", size, owner="MiniImageNetFolder")
         self.image_shape = (3, self.size, self.size)
         if not self.root.is_dir():
             raise layout_error("MiniImageNetFolder", f"folder {self.root} does not exist", MINIIMAGENET_LAYOUT)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Hashable
 
-from metaopt.tasks._checks import require_int
+from metaopt.checks import non_negative_int, positive_int
 from metaopt.tasks.images.image_files import decode_images, image_files, layout_error, subfolders
 from metaopt.tasks.images.source import ClassPool, FiniteImageSource, check_split
 
@@ -26,8 +26,8 @@ class OmniglotFolder(FiniteImageSource):
 
     def __init__(self, root: str | Path, *, size: int = 28, val_alphabets: int = 5) -> None:
         self.root = Path(root).expanduser().resolve()
-        self.size = require_int("OmniglotFolder", "size", size)
-        self.val_alphabets = require_int("OmniglotFolder", "val_alphabets", val_alphabets, low=0)
+        self.size = positive_int("size", size, owner="OmniglotFolder")
+        self.val_alphabets = non_negative_int("val_alphabets", val_alphabets, owner="OmniglotFolder")
         self.image_shape = (1, self.size, self.size)
         background = self._alphabets("images_background")
         if val_alphabets >= len(background):

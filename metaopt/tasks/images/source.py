@@ -14,14 +14,14 @@ from typing import Hashable
 
 import torch
 
+from metaopt.checks import one_of
+
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
 def check_split(owner: str, split: object) -> str:
     """``split`` if it is one of ``SPLITS``, else a ``ValueError`` naming the owner."""
-    if split not in SPLITS:
-        raise ValueError(f"{owner}: split must be one of {SPLITS}; got {split!r}")
-    return split  # type: ignore[return-value]
+    return one_of("split", split, SPLITS, owner=owner)  # type: ignore[return-value]
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,6 @@ whose sums are long). Times are the best of a few meta-steps. On a machine share
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -29,15 +28,11 @@ from metaopt.tasks import Sinusoid
 INNER_LR, INNER_STEPS = 0.01, 5
 
 
-def _loss_fn(kind: str):
-    return F.mse_loss if kind == "regression" else F.cross_entropy
-
-
 def higher_step(model: nn.Module, episode: Episode) -> list[torch.Tensor]:
     """One MAML meta-gradient with ``higher`` and ``torch.optim.SGD``, task by task."""
     import higher
 
-    loss_fn, model_params = _loss_fn(episode.kind), list(model.parameters())
+    loss_fn, model_params = episode.kind.loss, list(model.parameters())
     losses = []
     for t in range(episode.num_tasks):
         with higher.innerloop_ctx(model, torch.optim.SGD(model_params, lr=INNER_LR),
@@ -50,7 +45,7 @@ def higher_step(model: nn.Module, episode: Episode) -> list[torch.Tensor]:
 
 def learn2learn_step(model: nn.Module, episode: Episode) -> list[torch.Tensor]:
     """One MAML meta-gradient with learn2learn's ``MAML`` (``clone`` + ``adapt`` per task)."""
-    maml, loss_fn = import_learn2learn().algorithms.MAML(model, lr=INNER_LR), _loss_fn(episode.kind)
+    maml, loss_fn = import_learn2learn().algorithms.MAML(model, lr=INNER_LR), episode.kind.loss
     losses = []
     for t in range(episode.num_tasks):
         learner = maml.clone()

@@ -39,7 +39,6 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -179,7 +178,7 @@ class ContinualHyperTransformer(Learner):
         losses = []
         for t, params in enumerate(weights, start=1):
             seen = prefix(episode, self.ways, t, self.scenario, self.shots)
-            losses.append(F.cross_entropy(self.logits(params, seen).flatten(0, 1), seen.y_query.flatten()))
+            losses.append(seen.kind.loss(self.logits(params, seen), seen.y_query))
         return torch.stack(losses).mean()
 
 

@@ -142,7 +142,8 @@ def compare(
     for a, curve_a in curves.items():
         for b, curve_b in curves.items():
             if curve_a.implicit and not curve_b.implicit:
-                sim = prediction_similarity(predictions[a], predictions[b], logits=episode.kind == "classification")
+                sim = prediction_similarity(episode.kind.comparable(predictions[a]),
+                                            episode.kind.comparable(predictions[b]))
                 similarity[f"{a} vs {b}"] = {key: value.tolist() for key, value in sim.items()}
     comparison = Comparison(metric.name, metric.lower_is_better, support_sizes, num_tasks, curves, similarity)
     comparison.claims = [check_claim(comparison, claim) for claim in claims]

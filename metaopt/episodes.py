@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 from types import MappingProxyType
-from typing import Literal, Mapping
+from typing import Mapping
 
 import torch
 
-Kind = Literal["regression", "classification", "binary"]
-KINDS: tuple[str, ...] = ("regression", "classification", "binary")
+from metaopt.kinds import REGRESSION, EpisodeKind, Kind, episode_kind
 
 
 def _shape(t: torch.Tensor | None) -> str:
@@ -24,10 +23,11 @@ def _shape(t: torch.Tensor | None) -> str:
 class Episode:
     """`T` tasks: support `[T, S, *x]`/`[T, S, *y]`, queries `[T, Q, *x]`/`[T, Q, *y]`.
 
-    Label layout by ``kind``:
+    ``kind`` (an ``EpisodeKind``, given by object or name, see ``metaopt.kinds``) fixes the labels:
       - ``regression``: float labels of shape ``[T, N, 1]`` (or ``[T, N, *y]`` for vector targets);
       - ``binary``: float labels in {0, 1} of shape ``[T, N, 1]``;
       - ``classification``: integer class ids of shape ``[T, N]`` below ``num_classes``.
+    It also carries the task loss (``episode.kind.loss``), the default metric and the probabilities.
 
     ``info`` holds the tasks' ground truth where known (true weights, noise level, ...),
     each value a tensor with the task dimension first.
@@ -37,19 +37,18 @@ class Episode:
     y_support: torch.Tensor
     x_query: torch.Tensor
     y_query: torch.Tensor
-    kind: Kind = "regression"
+    kind: EpisodeKind | Kind = REGRESSION
     x_unlabeled: torch.Tensor | None = None
     info: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     num_classes: int | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", episode_kind(self.kind, name="Episode.kind"))
         self._validate()
         object.__setattr__(self, "info", MappingProxyType(dict(self.info)))
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"Episode.kind must be one of {KINDS}; got {self.kind!r}")
         fields = {
             "x_support": self.x_support,
             "y_support": self.y_support,
@@ -92,40 +91,13 @@ class Episode:
                     f"Episode.y_{split} must have shape [tasks, examples, ...] matching x_{split} "
                     f"{_shape(x)} in its first two dimensions; got {_shape(y)}"
                 )
-            self._validate_labels(f"y_{split}", y)
+            self.kind.validate_labels(y, name=f"Episode.y_{split}")
+        self.kind.validate_num_classes(self.num_classes)
         if self.y_support.shape[2:] != self.y_query.shape[2:]:
             raise ValueError(
                 "Episode.y_support and Episode.y_query must share their label shape; got "
                 f"y_support {_shape(self.y_support)} and y_query {_shape(self.y_query)}"
             )
-
-    def _validate_labels(self, name: str, y: torch.Tensor) -> None:
-        if self.kind == "classification":
-            if y.dtype not in (torch.int64, torch.int32):
-                raise ValueError(
-                    f"Episode.{name} must hold integer class ids (torch.long) for kind='classification'; "
-                    f"got dtype {y.dtype}"
-                )
-            if y.dim() != 2:
-                raise ValueError(
-                    f"Episode.{name} must have shape [tasks, examples] for kind='classification'; got {_shape(y)}"
-                )
-            if self.num_classes is None or self.num_classes < 2:
-                raise ValueError(
-                    f"Episode.num_classes must be an int >= 2 for kind='classification'; got {self.num_classes!r}"
-                )
-            return
-        if not y.is_floating_point():
-            raise ValueError(
-                f"Episode.{name} must be a floating tensor for kind={self.kind!r}; got dtype {y.dtype}"
-            )
-        if y.dim() < 3:
-            raise ValueError(
-                f"Episode.{name} must have shape [tasks, examples, *target] (e.g. [T, N, 1]) for "
-                f"kind={self.kind!r}; got {_shape(y)}"
-            )
-        if self.kind == "binary" and y.shape[2:] != (1,):
-            raise ValueError(f"Episode.{name} must have shape [tasks, examples, 1] for kind='binary'; got {_shape(y)}")
 
     # ------------------------------------------------------------------ accessors
     @property
@@ -148,6 +120,11 @@ class Episode:
     @property
     def device(self) -> torch.device:
         return self.x_support.device
+
+    @property
+    def prediction_shape(self) -> torch.Size:
+        """The shape of a learner's query predictions: ``[T, Q, *y]``, or ``[T, Q, num_classes]`` for classes."""
+        return self.kind.prediction_shape(self.y_query.shape, self.num_classes)
 
     # ------------------------------------------------------------------ transforms
     def replace(self, **changes) -> "Episode":

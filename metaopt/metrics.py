@@ -1,17 +1,21 @@
 """Evaluation metrics per task, their bootstrap bands, and prediction similarity.
 
-A task family names its metric (``TaskFamily.metric``); ``compare`` scores every learner with it.
-A metric maps predictions ``[..., T, Q, *y]`` and the episode to one value per task ``[..., T]``.
+A task family names its metric (``TaskFamily.metric``, by default its episode kind's); ``compare``
+scores every learner with it. A metric maps predictions ``[..., T, Q, *y]`` and the episode to one
+value per task ``[..., T]``. Episode kinds build their default metrics from here, so this module
+reads episodes only through their attributes and imports no episode type at run time.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from metaopt.episodes import Episode
+if TYPE_CHECKING:
+    from metaopt.episodes import Episode
 
 
 @dataclass(frozen=True)
@@ -45,26 +49,14 @@ class NormalizedError(Metric):
 
 @dataclass(frozen=True)
 class Accuracy(Metric):
-    """Share of correct queries: ``logit > 0`` for binary labels, the arg-max for classes."""
+    """Share of correct queries, as the episode kind decides (``logit > 0`` for binary, the arg-max for classes)."""
 
     name: str = "accuracy"
     lower_is_better: bool = False
 
     def per_task(self, predictions: torch.Tensor, episode: Episode) -> torch.Tensor:
         targets = episode.y_query.to(predictions.device)
-        if episode.kind == "classification":
-            return (predictions.argmax(-1) == targets).float().mean(-1)
-        correct = ((predictions > 0).to(targets.dtype) == targets).float()
-        return _mean_over_queries(correct, targets)
-
-
-def default_metric(kind: str, error_scale: float = 1.0) -> Metric:
-    """The metric of an episode kind: normalised error for regression, accuracy otherwise."""
-    if kind == "regression":
-        return NormalizedError(scale=error_scale)
-    if kind in ("binary", "classification"):
-        return Accuracy()
-    raise ValueError(f"no metric for episode kind {kind!r}")
+        return episode.kind.correct(predictions, targets).float().mean(-1)
 
 
 def bootstrap_band(
@@ -80,15 +72,13 @@ def bootstrap_band(
     return low, high
 
 
-def prediction_similarity(a: torch.Tensor, b: torch.Tensor, *, logits: bool = False) -> dict[str, torch.Tensor]:
+def prediction_similarity(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
     """Cosine similarity and mean absolute difference of two learners' predictions ``[K, T, Q, ...]``.
 
-    Prediction vectors are flattened over tasks and queries, one value per support size k. ``logits=True``
-    (classification, classes last) compares class probabilities instead: logits carry an arbitrary offset
-    per query, and classes a learner may not choose are masked with huge negative numbers.
+    Prediction vectors are flattened over tasks and queries, one value per support size k. Pass them in
+    their comparable form, ``episode.kind.comparable(predictions)``: class probabilities, not logits, for
+    classification (logits carry an arbitrary offset per query, and masked classes huge negative numbers).
     """
-    if logits:
-        a, b = a.double().softmax(-1), b.double().softmax(-1)
     a_flat, b_flat = a.flatten(1).double(), b.flatten(1).double()
     return {
         "cosine": F.cosine_similarity(a_flat, b_flat, dim=1, eps=1e-12).float(),

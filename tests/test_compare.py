@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from metaopt.compare import compare, format_table, plot
+from metaopt.kinds import CLASSIFICATION
 from metaopt.learners import Elimination, GradientDescent, LeastSquares, Null, Ridge
 from metaopt.metrics import bootstrap_band, prediction_similarity
 from metaopt.tasks import Conjunction, LinearRegression
@@ -60,7 +61,7 @@ def test_classification_logits_are_compared_as_probabilities():
     logits[..., 4] = -30.0  # a class neither learner picks
     masked = logits + torch.randn(2, 4, 3, 1)
     masked[..., 4] = -1e9
-    sim = prediction_similarity(logits, masked, logits=True)
+    sim = prediction_similarity(CLASSIFICATION.comparable(logits), CLASSIFICATION.comparable(masked))
     torch.testing.assert_close(sim["cosine"], torch.ones(2))
     torch.testing.assert_close(sim["mean_abs_diff"], torch.zeros(2), atol=1e-6, rtol=0)  # float32 logits
     assert prediction_similarity(logits, masked)["mean_abs_diff"].min() > 1e7  # raw logits: meaningless

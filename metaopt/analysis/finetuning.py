@@ -51,7 +51,7 @@ from torch.func import functional_call, grad, vmap
 
 from metaopt.analysis.sensitivity import quiet_batching_fallback
 from metaopt.episodes import Episode
-from metaopt.learners.base import task_loss
+from metaopt.kinds import EpisodeKind
 from metaopt.learners.attention import CausalSelfAttention
 from metaopt.learners.transformer import Transformer
 
@@ -123,7 +123,7 @@ def _full_parameters(model: Transformer, key_value: dict[str, torch.Tensor]) -> 
     return {name: torch.cat([own[name].detach()[: own[name].shape[0] // 3], kv]) for name, kv in key_value.items()}
 
 
-def _single(xs, ys, xq, yq, kind: str) -> Episode:
+def _single(xs, ys, xq, yq, kind: EpisodeKind) -> Episode:
     """A one-task episode from per-task tensors (inside ``vmap``, where the task dimension is hidden)."""
     return Episode(xs[None], ys[None], xq[None], yq[None], kind=kind)
 
@@ -169,7 +169,7 @@ def finetune_keys_values(model: Transformer, prompts: Prompts, lr: float) -> dic
 
     def loss(key_value, xs, ys, xq, yq):
         episode = _single(xs, ys, xq, yq, kind)
-        return task_loss(functional_call(model, _full_parameters(model, key_value), (episode,)), episode.y_query, kind)
+        return kind.loss(functional_call(model, _full_parameters(model, key_value), (episode,)), episode.y_query)
 
     step = vmap(grad(loss))
     num_tasks = shared_x.shape[0]
@@ -289,21 +289,12 @@ def _mean_cosine(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     return F.cosine_similarity(a.double(), b.double(), dim=-1, eps=1e-12).flatten(1).mean(1).tolist()
 
 
-def _right(predictions: torch.Tensor, episode: Episode, threshold: float | None) -> torch.Tensor:
-    """Which queries ``[T, Q]`` a setting gets right (sign for binary, squared error < τ for regression)."""
-    targets = episode.y_query
-    if episode.kind == "binary":
-        return ((predictions > 0).to(targets.dtype) == targets).flatten(2).all(-1)
-    return (predictions - targets).pow(2).flatten(2).mean(-1) < threshold
-
-
 def dual_form_scores(
     model: Transformer, episode: Episode, *, demonstrations: int, shared: int = 1, lr: float = 0.1,
     threshold: float | None = None, generator: torch.Generator | None = None,
 ) -> DualFormScores:
     """SimAOU, SimAM and Rec2FTP of ``model`` on ``episode`` (every query of every task; see the module doc)."""
-    if episode.kind not in ("regression", "binary"):
-        raise ValueError(f"dual form: needs regression or binary episodes; got kind={episode.kind!r}")
+    model.check_episode(episode)
     prompts = split_prompts(episode, demonstrations, shared)
     was_training = model.training
     model.eval()
@@ -315,10 +306,10 @@ def dual_form_scores(
         model.train(was_training)
     icl_update = icl.outputs - zero_shot.outputs
     random_update = torch.randn(icl_update.shape, generator=generator, dtype=icl_update.dtype).to(icl_update.device)
-    if episode.kind == "regression" and threshold is None:
+    if not episode.kind.discrete and threshold is None:
         threshold = (zero_shot.predictions - episode.y_query).pow(2).flatten(2).mean(-1).median().item()
     settings = (("zs", zero_shot), ("icl", icl), ("ft", ft))
-    right = {name: _right(t.predictions, episode, threshold) for name, t in settings}
+    right = {name: episode.kind.correct(t.predictions, episode.y_query, tolerance=threshold) for name, t in settings}
     ft_fixes = right["ft"] & ~right["zs"]
     fixed = int(ft_fixes.sum())
     return DualFormScores(
@@ -328,10 +319,10 @@ def dual_form_scores(
         sim_am_zero_shot=_mean_cosine(icl.scores.flatten(3), zero_shot.scores.flatten(3)),
         rec2ftp=(right["icl"] & ft_fixes).sum().item() / fixed if fixed else None,
         ft_fixed=fixed,
-        threshold=None if episode.kind == "binary" else float(threshold),
-        loss_zero_shot=task_loss(zero_shot.predictions, episode.y_query, episode.kind).item(),
-        loss_icl=task_loss(icl.predictions, episode.y_query, episode.kind).item(),
-        loss_ft=task_loss(ft.predictions, episode.y_query, episode.kind).item(),
+        threshold=None if episode.kind.discrete else float(threshold),
+        loss_zero_shot=episode.kind.loss(zero_shot.predictions, episode.y_query).item(),
+        loss_icl=episode.kind.loss(icl.predictions, episode.y_query).item(),
+        loss_ft=episode.kind.loss(ft.predictions, episode.y_query).item(),
     )
 
 

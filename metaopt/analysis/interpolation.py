@@ -22,7 +22,7 @@ import torch
 from torch.func import functional_call
 
 from metaopt.episodes import Episode
-from metaopt.learners.base import Learner, task_loss
+from metaopt.learners.base import Learner
 from metaopt.learners.incontext.linear_attention import LinearSelfAttention
 
 
@@ -73,7 +73,7 @@ def interpolation_losses(
         for alpha in alphas:
             mixed = {k: torch.lerp(state_a[k], state_b[k].to(state_a[k]), float(alpha)) for k in state_a}
             predictions = functional_call(a, mixed, (episode,))
-            losses.append(task_loss(predictions, episode.y_query, episode.kind).item())
+            losses.append(episode.kind.loss(predictions, episode.y_query).item())
     finally:
         a.train(was_training)
     return Interpolation([float(alpha) for alpha in alphas], losses)

@@ -1,6 +1,6 @@
 """Learners: every one maps an Episode to predictions on its queries."""
 
-from metaopt.learners.base import Learner, task_loss
+from metaopt.learners.base import Learner
 from metaopt.learners.boolean_baselines import (
     BooleanAveraging,
     BooleanMLP,
@@ -28,7 +28,7 @@ from metaopt.learners.solvers import GradientDescent, LeastSquares, LinearSolver
 from metaopt.learners.transformer import Transformer
 from metaopt.learners.tuned_gd import GDPlusPlus, TunedGDPlusPlus, TunedGradientDescent
 
-__all__ = ["Learner", "task_loss", "LinearSolver", "LeastSquares", "Ridge", "GradientDescent", "Transformer",
+__all__ = ["Learner", "LinearSolver", "LeastSquares", "Ridge", "GradientDescent", "Transformer",
            "Lasso", "Averaging", "NearestNeighbours", "DecisionTreeBaseline", "GradientBoostingBaseline",
            "MLPBaseline", "TunedRidge", "AdaptiveRidge", "TunedAdaptiveRidge", "OracleRidge",
            "Null", "BooleanAveraging", "BooleanNearestNeighbours", "Elimination", "GF2Elimination", "BooleanMLP",

@@ -5,24 +5,9 @@ from __future__ import annotations
 from typing import ClassVar, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from metaopt.episodes import Episode
-
-
-def task_loss(predictions: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
-    """The task loss of a kind, averaged over every leading dimension.
-
-    regression: mean squared error; binary: BCE on logits; classification: cross-entropy on logits.
-    """
-    if kind == "regression":
-        return F.mse_loss(predictions, targets)
-    if kind == "binary":
-        return F.binary_cross_entropy_with_logits(predictions, targets)
-    if kind == "classification":
-        return F.cross_entropy(predictions.flatten(0, -2), targets.flatten())
-    raise ValueError(f"unknown episode kind {kind!r}")
 
 
 class Learner(nn.Module):
@@ -41,7 +26,7 @@ class Learner(nn.Module):
 
     def loss(self, episode: Episode) -> torch.Tensor:
         """The meta-training objective: the task loss on the queries."""
-        return task_loss(self(episode), episode.y_query, episode.kind)
+        return episode.kind.loss(self(episode), episode.y_query)
 
     def predict_by_support_size(self, episode: Episode, support_sizes: Sequence[int]) -> torch.Tensor:
         """Query predictions using only the first k support examples, for each k: ``[K, T, Q, ...]``.

@@ -53,7 +53,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from metaopt.episodes import Episode
-from metaopt.learners.base import Learner, task_loss
+from metaopt.kinds import EpisodeKind
+from metaopt.learners.base import Learner
 from metaopt.learners.task_folding import foldable, folded_call
 from optimizers import FunctionalOptimizer, GradientTransformation, Params, apply_updates
 
@@ -253,14 +254,14 @@ class InnerLoop(Learner):
         return adapted if differentiable else _detached(adapted)
 
     def _adapt_batched(self, init: Params, shared: Params, opt: GradientTransformation, xs: Tensor, ys: Tensor,
-                       kind: str, differentiable: bool, strategy: str) -> Params:
+                       kind: EpisodeKind, differentiable: bool, strategy: str) -> Params:
         num_tasks = xs.shape[0]
         params = {k: v.expand(num_tasks, *v.shape) for k, v in init.items()}
         if self.elementwise_optimizer():  # the update of [T, ...] weights is the per-task update
             state, update = opt.init(init), lambda g, s, p, loss: opt.update(g, s, p, loss=loss)
         else:
             state, update = vmap(opt.init)(params), vmap(lambda g, s, p, loss: opt.update(g, s, p, loss=loss))
-        per_task_loss = vmap(lambda out, y: task_loss(out, y, kind))
+        per_task_loss = vmap(kind.loss)
         for step in range(self.steps):
             params = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
             losses = per_task_loss(self._run_tasks(params, shared, xs, strategy), ys)  # [T]
@@ -274,9 +275,9 @@ class InnerLoop(Learner):
         return params
 
     def _adapt_vmap(self, init: Params, shared: Params, opt: GradientTransformation, xs: Tensor, ys: Tensor,
-                    kind: str, differentiable: bool) -> Params:
+                    kind: EpisodeKind, differentiable: bool) -> Params:
         def support_loss(params: Params, x: Tensor, y: Tensor) -> Tensor:
-            return task_loss(self._call(params, shared, x), y, kind)
+            return kind.loss(self._call(params, shared, x), y)
 
         grad_fn = grad_and_value(support_loss)
 
@@ -305,7 +306,7 @@ class InnerLoop(Learner):
                 if self.init != "meta":  # a fixed start: fresh leaves that higher can differentiate the loss by
                     fmodel.update_params([p.detach().requires_grad_() for p in fmodel.parameters()])
                 for step in range(self.steps if episode.num_support else 0):
-                    loss = task_loss(fmodel(episode.x_support[t]), episode.y_support[t], kind)
+                    loss = kind.loss(fmodel(episode.x_support[t]), episode.y_support[t])
                     callback = _detach_grads if self._constant_step(step) else None
                     diffopt.step(loss, grad_callback=callback)
                 outputs.append(fmodel(episode.x_query[t]))
@@ -331,12 +332,11 @@ class InnerLoop(Learner):
         return self._run_tasks(adapted, shared, self._body(shared, episode.x_query), self.resolved_strategy())
 
     def _shape_outputs(self, outputs: Tensor, episode: Episode) -> Tensor:
-        if episode.kind == "classification":
-            if outputs.shape[-1] != episode.num_classes or outputs.dim() != 3:
-                raise ValueError(f"InnerLoop: the model must output [N, num_classes={episode.num_classes}] per "
-                                 f"task for classification; got {tuple(outputs.shape[1:])}")
-            return outputs
-        return outputs.reshape(episode.y_query.shape)
+        shape = episode.prediction_shape  # [T, Q, *y], or [T, Q, num_classes] for classification
+        if outputs.shape[:2] != shape[:2] or outputs.shape[2:].numel() != shape[2:].numel():
+            raise ValueError(f"InnerLoop: the model must output {tuple(shape[2:])} per query for kind="
+                             f"{episode.kind!r} episodes; got {tuple(outputs.shape[1:])} per task")
+        return outputs.reshape(shape)
 
     def extra_repr(self) -> str:
         return (f"steps={self.steps}, init={self.init!r}, first_order={self.first_order}, "

@@ -19,7 +19,7 @@ from torch import nn
 
 from metaopt.episodes import Episode
 from metaopt.learners.attention import CausalSelfAttention
-from metaopt.learners.base import Learner, task_loss
+from metaopt.learners.base import Learner
 from metaopt.learners.incontext.mesa import MesaAttention
 from metaopt.learners.incontext.momentum import MomentumAttention
 from metaopt.learners.incontext.tokens import context_tokens, query_tokens
@@ -180,4 +180,4 @@ class Transformer(Learner):
         support_pred, query_pred = self._run(episode, [episode.num_support])
         predictions = torch.cat([support_pred, query_pred[0]], dim=1)
         targets = torch.cat([episode.y_support, episode.y_query], dim=1).flatten(2)
-        return task_loss(predictions, targets, episode.kind)
+        return episode.kind.loss(predictions, targets)

@@ -9,8 +9,9 @@ from typing import ClassVar
 import torch
 
 from metaopt.checks import integer
-from metaopt.episodes import Episode, Kind
-from metaopt.metrics import Metric, default_metric
+from metaopt.episodes import Episode
+from metaopt.kinds import Kind, episode_kind
+from metaopt.metrics import Metric
 
 
 class TaskFamily(abc.ABC):
@@ -32,7 +33,7 @@ class TaskFamily(abc.ABC):
     @property
     def metric(self) -> Metric:
         """How ``compare`` scores learners on this family (override for e.g. adjusted loss)."""
-        return default_metric(self.kind, self.error_scale)
+        return episode_kind(self.kind).metric(self.error_scale)
 
     def with_active_dims(self, dims: int) -> "TaskFamily":
         """This family with inputs zero beyond the first ``dims`` coordinates (Garg et al.'s curriculum).

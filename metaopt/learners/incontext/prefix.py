@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from metaopt.episodes import Episode
-from metaopt.learners.base import Learner, task_loss
+from metaopt.learners.base import Learner
 from metaopt.learners.incontext.tokens import (
     check_support_sizes,
     check_token_format,
@@ -92,4 +92,4 @@ class PrefixLearner(Learner):
         support_pred, query_pred = self._run(episode, [episode.num_support], prefixes=True)
         predictions = torch.cat([support_pred, query_pred[0]], dim=1)
         targets = torch.cat([episode.y_support, episode.y_query], dim=1).flatten(2)
-        return task_loss(predictions, targets, episode.kind)
+        return episode.kind.loss(predictions, targets)

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metaopt.checks import integer, positive_int, sequence_of
+
 STRATEGIES = ("auto", "grouped", "vmap", "loop")
 NUM_CONV = 4
 Params = dict[str, Tensor]
@@ -87,11 +89,8 @@ class LayerSpec:
 
 
 def _widths(widths: int | Sequence[int]) -> tuple[int, ...]:
-    values = (widths,) * NUM_CONV if isinstance(widths, int) else tuple(widths)
-    if len(values) != NUM_CONV or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in values):
-        raise ValueError(f"FunctionalCNN: widths must be a positive int or {NUM_CONV} positive ints; got {widths!r}; "
-                         "expected e.g. 8 or [8, 8, 8, 8]")
-    return values
+    values = (widths,) * NUM_CONV if isinstance(widths, int) else widths
+    return sequence_of("widths", values, positive_int, owner="FunctionalCNN", length=NUM_CONV)
 
 
 def fold(x: Tensor) -> Tensor:
@@ -167,8 +166,7 @@ class FunctionalCNN(nn.Module):
         self.widths = _widths(widths)
         for name, value, low in (("in_channels", in_channels, 1), ("num_classes", num_classes, 1),
                                  ("image_size", image_size, 16)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"FunctionalCNN: {name} must be an int >= {low}; got {value!r}")
+            integer(name, value, owner="FunctionalCNN", low=low)
         if strategy not in STRATEGIES:
             raise ValueError(f"FunctionalCNN: strategy must be one of {STRATEGIES}; got {strategy!r}")
         self.strategy, self.eps = strategy, eps

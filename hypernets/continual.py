@@ -44,6 +44,7 @@ from torch import Tensor
 
 from hypernets.cnn import FunctionalCNN, Params
 from hypernets.hypertransformer import WeightGenerator
+from metaopt.checks import one_of, positive_int
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
 from metaopt.learners.protonet import prototype_logits
@@ -124,10 +125,8 @@ class ContinualHyperTransformer(Learner):
                  image_size: int = 28, n_layer: int = 1, n_head: int = 2, label_dim: int = 16, image_dim: int = 32,
                  activation_dim: int = 16, embedder_channels: int = 16, strategy: str = "auto") -> None:
         super().__init__()
-        if scenario not in SCENARIOS:
-            raise ValueError(f"ContinualHyperTransformer: scenario must be one of {SCENARIOS}; got {scenario!r}")
-        if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
-            raise ValueError(f"ContinualHyperTransformer: shots must be a positive int; got {shots!r}")
+        one_of("scenario", scenario, SCENARIOS, owner="ContinualHyperTransformer")
+        positive_int("shots", shots, owner="ContinualHyperTransformer")
         self.ways, self.scenario, self.shots, self.feedback = ways, scenario, shots, bool(feedback)
         cnn = FunctionalCNN(widths, in_channels=in_channels, num_classes=embedding_dim, image_size=image_size,
                             strategy=strategy)

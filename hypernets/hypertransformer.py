@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hypernets.cnn import NUM_CONV, FunctionalCNN, LayerSpec, Params, fold, folded_conv, unfold
+from metaopt.checks import one_of, positive_int
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
 
@@ -217,13 +218,11 @@ class WeightGenerator(nn.Module):
                  embedder_channels: int = 16, layer_norm: bool = True, label_placeholders: bool = True,
                  feedback: bool = False) -> None:
         super().__init__()
-        if generate not in GENERATE:
-            raise ValueError(f"generate must be one of {GENERATE}; got {generate!r}")
+        one_of("generate", generate, GENERATE, owner="WeightGenerator")
         for name, value in (("n_layer", n_layer), ("n_head", n_head), ("label_dim", label_dim),
                             ("image_dim", image_dim), ("activation_dim", activation_dim),
                             ("embedder_channels", embedder_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
+            positive_int(name, value, owner="WeightGenerator")
         n_embd = label_dim + image_dim + activation_dim
         if n_embd % n_head:
             raise ValueError(f"n_head={n_head} must divide the token size label_dim + image_dim + activation_dim = "
@@ -311,8 +310,7 @@ class HyperTransformer(Learner):
                  label_dim: int = 16, image_dim: int = 32, activation_dim: int = 16, embedder_channels: int = 16,
                  use_unlabeled: bool = True, layer_norm: bool = True, strategy: str = "auto") -> None:
         super().__init__()
-        if generate not in GENERATE:
-            raise ValueError(f"HyperTransformer: generate must be one of {GENERATE}; got {generate!r}")
+        one_of("generate", generate, GENERATE, owner="HyperTransformer")
         cnn = FunctionalCNN(widths, in_channels=in_channels, num_classes=num_classes, image_size=image_size,
                             strategy=strategy)
         self.num_classes, self.use_unlabeled = num_classes, use_unlabeled

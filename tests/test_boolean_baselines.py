@@ -163,7 +163,7 @@ def test_mlp_fits_its_support_and_generalises_on_conjunctions():
         (lambda: BooleanNearestNeighbours(1, metric="euclid"), "metric must be one of"),
         (lambda: Elimination("dnf"), "target must be one of"),
         (lambda: BooleanMLP(hidden=0), "hidden must be an int >= 1"),
-        (lambda: BooleanMLP(lr=0), "lr must be a number > 0"),
+        (lambda: BooleanMLP(lr=0), "lr must be a finite number > 0"),
     ],
 )
 def test_invalid_parameters_are_refused(build, fragment):

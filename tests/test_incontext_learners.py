@@ -192,7 +192,7 @@ def test_lsa_rejects_bad_settings():
         LinearSelfAttention(D, token_format="interleaved")
     with pytest.raises(ValueError, match="x_dim=4"):
         LinearSelfAttention(D)(regression(dim=3))
-    with pytest.raises(ValueError, match="support sizes"):
+    with pytest.raises(ValueError, match=rf"support_sizes\[0\] must be an int in \[0, {S}\]"):
         LinearSelfAttention(D).predict_by_support_size(regression(), [S + 1])
 
 

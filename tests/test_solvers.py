@@ -36,7 +36,7 @@ def test_ridge_matches_closed_form(support):
 
 
 def test_ridge_refuses_nonpositive_penalty():
-    with pytest.raises(ValueError, match="lam must be > 0"):
+    with pytest.raises(ValueError, match="lam must be a finite number > 0"):
         Ridge(0.0)
 
 

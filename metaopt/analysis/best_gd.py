@@ -25,6 +25,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from metaopt.analysis.probes import with_queries
+from metaopt.checks import positive_int, sequence_of
 from metaopt.episodes import Episode
 from metaopt.learners.solvers import GradientDescent
 
@@ -118,9 +119,7 @@ def best_gd(
     Raises:
         ValueError: on an empty or non-positive ``steps``, a bad ``lr_range``, or no support size ≥ 1.
     """
-    steps = [int(s) for s in steps]
-    if not steps or min(steps) < 1:
-        raise ValueError(f"best_gd: steps must be a non-empty list of ints >= 1; got {steps!r}")
+    steps = list(sequence_of("steps", steps, positive_int, owner="best_gd"))
     low, high = (float(v) for v in lr_range)
     if not 0 < low < high:
         raise ValueError(f"best_gd: lr_range must be (low, high) with 0 < low < high; got {lr_range!r}")

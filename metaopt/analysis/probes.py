@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from metaopt.checks import positive_int
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
 
@@ -34,8 +35,7 @@ def probe_inputs(episode: Episode, num_probes: int, *, generator: torch.Generato
     Raises:
         ValueError: if ``num_probes`` is not a positive int.
     """
-    if not isinstance(num_probes, int) or isinstance(num_probes, bool) or num_probes < 1:
-        raise ValueError(f"probe_inputs: num_probes must be a positive int; got {num_probes!r}")
+    positive_int("num_probes", num_probes, owner="probe_inputs")
     pool = torch.cat([episode.x_support, episode.x_query], dim=1).flatten(0, 1)  # [T * (S + Q), *x]
     index = torch.randint(pool.shape[0], (episode.num_tasks * num_probes,), generator=generator)
     return pool[index.to(pool.device)].reshape(episode.num_tasks, num_probes, *episode.x_shape)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from metaopt.checks import one_of, positive_int
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
 from metaopt.learners.mlp_baseline import MLPBaseline
@@ -32,12 +33,6 @@ def probability_to_logit(p: torch.Tensor) -> torch.Tensor:
 def decision_to_logit(positive: torch.Tensor) -> torch.Tensor:
     """Logits ``[..., 1]`` of hard 0/1 decisions."""
     return probability_to_logit(positive.float()).unsqueeze(-1)
-
-
-def _check_int(owner: str, name: str, value: object, low: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{owner}: {name} must be an int >= {low}; got {value!r}")
-    return value
 
 
 class BooleanBaseline(Learner):
@@ -81,10 +76,8 @@ class BooleanNearestNeighbours(BooleanBaseline):
 
     def __init__(self, k: int = 1, metric: str = "hamming") -> None:
         super().__init__()
-        self.k = _check_int("BooleanNearestNeighbours", "k", k, 1)
-        if metric not in NN_METRICS:
-            raise ValueError(f"BooleanNearestNeighbours: metric must be one of {NN_METRICS}; got {metric!r}")
-        self.metric = metric
+        self.k = positive_int("k", k, owner="BooleanNearestNeighbours")
+        self.metric = one_of("metric", metric, NN_METRICS, owner="BooleanNearestNeighbours")
 
     def distances(self, xs: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
         """Distances ``[T, Q, S]`` from each query to each support point."""
@@ -113,9 +106,7 @@ class Elimination(BooleanBaseline):
 
     def __init__(self, target: str = "conjunction") -> None:
         super().__init__()
-        if target not in ELIMINATION_TARGETS:
-            raise ValueError(f"Elimination: target must be one of {ELIMINATION_TARGETS}; got {target!r}")
-        self.target = target
+        self.target = one_of("target", target, ELIMINATION_TARGETS, owner="Elimination")
 
     def hypothesis(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         """Surviving literals ``[T, 2, n]`` (bool): ``[:, 0]`` positive x_i, ``[:, 1]`` negated ¬x_i.

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from metaopt.checks import non_negative_int, one_of, optional
 from metaopt.episodes import Episode
 from metaopt.kinds import EpisodeKind
 from metaopt.learners.base import Learner
@@ -123,14 +124,11 @@ class InnerLoop(Learner):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ValueError(f"InnerLoop: model must be an nn.Module; got {type(model).__name__}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"InnerLoop: steps must be an int >= 0; got {steps!r}")
+        non_negative_int("steps", steps, owner="InnerLoop")
         for name, value, allowed in (("init", init, INITS), ("backend", backend, BACKENDS),
                                      ("strategy", strategy, STRATEGIES)):
-            if value not in allowed:
-                raise ValueError(f"InnerLoop: {name} must be one of {allowed}; got {value!r}")
-        if truncate is not None and (isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 0):
-            raise ValueError(f"InnerLoop: truncate must be None or an int >= 0; got {truncate!r}")
+            one_of(name, value, allowed, owner="InnerLoop")
+        optional(non_negative_int, "truncate", truncate, owner="InnerLoop")
         if isinstance(optimizer, nn.Module):
             if not callable(getattr(optimizer, "optimizer", None)):
                 raise ValueError("InnerLoop: an nn.Module optimizer needs an .optimizer() method; got "

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metaopt.checks import positive_float
 from metaopt.learners.inner_loop import InnerLoop
 from optimizers import EmptyState, GradientTransformation, Params, sgd
 
@@ -94,8 +95,7 @@ class PerParameterStepSizes(nn.Module):
 
     def __init__(self, params: Mapping[str, Tensor], lr: float = 0.01) -> None:
         super().__init__()
-        if not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"PerParameterStepSizes: lr must be a number > 0; got {lr!r}")
+        lr = positive_float("lr", lr, owner="PerParameterStepSizes")
         self.names = list(params)
         self.lrs = nn.ParameterList([nn.Parameter(torch.full_like(p.detach(), float(lr))) for p in params.values()])
 

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from metaopt.checks import positive_float, positive_int
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
 from optimizers import adam, apply_updates
@@ -38,12 +39,9 @@ class MLPBaseline(Learner):
 
     def __init__(self, hidden: int = 100, steps: int = 500, lr: float = 5e-3, seed: int = 0) -> None:
         super().__init__()
-        for name, value in (("hidden", hidden), ("steps", steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MLPBaseline: {name} must be an int >= 1; got {value!r}")
-        if not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"MLPBaseline: lr must be a number > 0; got {lr!r}")
-        self.hidden, self.steps, self.lr, self.seed = hidden, steps, float(lr), seed
+        owner = type(self).__name__
+        self.hidden, self.steps = positive_int("hidden", hidden, owner=owner), positive_int("steps", steps, owner=owner)
+        self.lr, self.seed = positive_float("lr", lr, owner=owner), seed
         self.betas, self.eps = (0.9, 0.999), 1e-8
 
     def init_params(self, num_tasks: int, in_features: int, out_features: int, like: torch.Tensor) -> Params:

@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from metaopt.checks import positive_float, positive_int
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
 from metaopt.learners.solvers import LinearSolver
-
-
-def _check_positive(owner: str, name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{owner}: {name} must be a number > 0; got {value!r}")
-    return float(value)
-
-
-def _check_count(owner: str, name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}: {name} must be an int >= 1; got {value!r}")
-    return value
 
 
 class Lasso(LinearSolver):
@@ -31,9 +20,9 @@ class Lasso(LinearSolver):
 
     def __init__(self, alpha: float = 0.1, max_sweeps: int = 1000, tol: float = 1e-6) -> None:
         super().__init__()
-        self.alpha = _check_positive("Lasso", "alpha", alpha)
-        self.max_sweeps = _check_count("Lasso", "max_sweeps", max_sweeps)
-        self.tol = _check_positive("Lasso", "tol", tol)
+        self.alpha = positive_float("alpha", alpha, owner="Lasso")
+        self.max_sweeps = positive_int("max_sweeps", max_sweeps, owner="Lasso")
+        self.tol = positive_float("tol", tol, owner="Lasso")
 
     def fit(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         num_tasks, k, dim = x.shape
@@ -81,7 +70,7 @@ class NearestNeighbours(Learner):
 
     def __init__(self, k: int = 3) -> None:
         super().__init__()
-        self.k = _check_count("NearestNeighbours", "k", k)
+        self.k = positive_int("k", k, owner="NearestNeighbours")
 
     def forward(self, episode: Episode) -> torch.Tensor:
         self.check_episode(episode)

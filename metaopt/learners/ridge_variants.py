@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from metaopt.checks import non_negative_float, optional, positive_float, positive_int, sequence_of
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
 from metaopt.learners.solvers import LinearSolver, Ridge
@@ -58,11 +59,10 @@ class HeldOutTuning:
         self, family: TaskFamily | Mapping[str, Any], support: int | Sequence[int], num_tasks: int, query: int,
         seed: int, owner: str,
     ) -> None:
-        sizes = [support] if isinstance(support, int) else list(support)
-        if not sizes or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in sizes):
-            raise ValueError(f"{owner}: support must be an int >= 1 or a list of them; got {support!r}")
-        if not isinstance(num_tasks, int) or num_tasks < 1 or not isinstance(query, int) or query < 1:
-            raise ValueError(f"{owner}: num_tasks and query must be ints >= 1; got {num_tasks!r}, {query!r}")
+        sizes = ((positive_int("support", support, owner=owner),) if isinstance(support, int)
+                 else sequence_of("support", support, positive_int, owner=owner))
+        positive_int("num_tasks", num_tasks, owner=owner)
+        positive_int("query", query, owner=owner)
         self.family = family_from_spec(family, owner)
         self.support_sizes, self.num_tasks, self.query, self.seed = sorted(set(sizes)), num_tasks, query, seed
 
@@ -98,9 +98,7 @@ class TunedRidge(LinearSolver):
         support: int | Sequence[int] = 20, num_tasks: int = 2000, query: int = 10, seed: int = TUNING_SEED,
     ) -> None:
         super().__init__()
-        if not lams or any(not lam > 0 for lam in lams):
-            raise ValueError(f"TunedRidge: lams must be a non-empty list of penalties > 0; got {lams!r}")
-        self.lams = tuple(float(lam) for lam in lams)
+        self.lams = sequence_of("lams", lams, positive_float, owner="TunedRidge")
         self.tuning = HeldOutTuning(family, support, num_tasks, query, seed, "TunedRidge")
         self.chosen: dict[int, float] = {}
 
@@ -129,12 +127,8 @@ class AdaptiveRidge(LinearSolver):
 
     def __init__(self, multiplier: float = 1.0, cap: float | None = None) -> None:
         super().__init__()
-        if not (isinstance(multiplier, (int, float)) and multiplier >= 0):
-            raise ValueError(f"AdaptiveRidge: multiplier must be a number >= 0; got {multiplier!r}")
-        if cap is not None and not (isinstance(cap, (int, float)) and cap >= 0):
-            raise ValueError(f"AdaptiveRidge: cap must be None or a number >= 0; got {cap!r}")
-        self.multiplier = float(multiplier)
-        self.cap = None if cap is None else float(cap)
+        self.multiplier = non_negative_float("multiplier", multiplier, owner="AdaptiveRidge")
+        self.cap = optional(non_negative_float, "cap", cap, owner="AdaptiveRidge")
 
     @staticmethod
     def noise_variance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from sklearn.ensemble import GradientBoostingRegressor
 from sklearn.multioutput import MultiOutputRegressor
 from sklearn.tree import DecisionTreeRegressor
 
+from metaopt.checks import optional, positive_float, positive_int
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
 
@@ -51,9 +52,7 @@ class DecisionTreeBaseline(PerTaskRegressor):
 
     def __init__(self, max_depth: int | None = None, random_state: int = 0) -> None:
         super().__init__()
-        if max_depth is not None and (not isinstance(max_depth, int) or max_depth < 1):
-            raise ValueError(f"DecisionTreeBaseline: max_depth must be None or an int >= 1; got {max_depth!r}")
-        self.max_depth = max_depth
+        self.max_depth = optional(positive_int, "max_depth", max_depth, owner="DecisionTreeBaseline")
         self.random_state = random_state
 
     def make_estimator(self) -> DecisionTreeRegressor:
@@ -73,10 +72,8 @@ class GradientBoostingBaseline(PerTaskRegressor):
     ) -> None:
         super().__init__()
         for name, value in (("n_estimators", n_estimators), ("max_depth", max_depth)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"GradientBoostingBaseline: {name} must be an int >= 1; got {value!r}")
-        if not learning_rate > 0:
-            raise ValueError(f"GradientBoostingBaseline: learning_rate must be > 0; got {learning_rate!r}")
+            positive_int(name, value, owner="GradientBoostingBaseline")
+        positive_float("learning_rate", learning_rate, owner="GradientBoostingBaseline")
         self.n_estimators = n_estimators
         self.max_depth = max_depth
         self.learning_rate = float(learning_rate)

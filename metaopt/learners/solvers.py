@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from metaopt.checks import positive_float, positive_int
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
 
@@ -46,9 +47,7 @@ class Ridge(LinearSolver):
 
     def __init__(self, lam: float = 1.0) -> None:
         super().__init__()
-        if lam <= 0:
-            raise ValueError(f"Ridge: lam must be > 0 (use LeastSquares for lam = 0); got {lam!r}")
-        self.lam = float(lam)
+        self.lam = positive_float("lam", lam, owner="Ridge")  # lam = 0 is LeastSquares
 
     def fit(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         k, d = x.shape[1], x.shape[2]
@@ -72,9 +71,7 @@ class GradientDescent(LinearSolver):
 
     def __init__(self, steps: int = 1, lr: float = 0.1, learn_lr: bool = False) -> None:
         super().__init__()
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"GradientDescent: steps must be an int >= 1; got {steps!r}")
-        self.steps = steps
+        self.steps = positive_int("steps", steps, owner="GradientDescent")
         lr_tensor = torch.tensor(float(lr))
         if learn_lr:
             self.lr = torch.nn.Parameter(lr_tensor)

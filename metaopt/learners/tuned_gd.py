@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from metaopt.checks import non_negative_float, positive_int, sequence_of
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
 from metaopt.learners.ridge_variants import TUNING_SEED, HeldOutTuning
@@ -27,18 +28,6 @@ from metaopt.tasks.base import TaskFamily
 DEFAULT_LRS = tuple(round(10 ** (e / 40), 5) for e in range(-80, 81))  # 0.01 .. 100, 40 per decade
 DEFAULT_GAMMAS = (0.0,) + tuple(round(10 ** (e / 8), 5) for e in range(-16, 9))  # 0, then 0.01 .. 10
 GDPP_LRS = DEFAULT_LRS[::2]  # 20 per decade: the (lr, γ) grid stays ~2000 pairs
-
-
-def _check_steps(owner: str, steps: int) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"{owner}: steps must be an int >= 1; got {steps!r}")
-    return steps
-
-
-def _check_grid(owner: str, name: str, values: Sequence[float], low: float) -> tuple[float, ...]:
-    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < low for v in values):
-        raise ValueError(f"{owner}: {name} must be a non-empty list of numbers >= {low}; got {values!r}")
-    return tuple(float(v) for v in values)
 
 
 class GDPlusPlus(Learner):
@@ -54,8 +43,9 @@ class GDPlusPlus(Learner):
 
     def __init__(self, steps: int = 1, lr: float = 0.1, gamma: float = 0.0) -> None:
         super().__init__()
-        self.steps = _check_steps("GDPlusPlus", steps)
-        self.lr, self.gamma = _check_grid("GDPlusPlus", "lr and gamma", (lr, gamma), low=0.0)
+        self.steps = positive_int("steps", steps, owner="GDPlusPlus")
+        self.lr = non_negative_float("lr", lr, owner="GDPlusPlus")
+        self.gamma = non_negative_float("gamma", gamma, owner="GDPlusPlus")
 
     def forward(self, episode: Episode) -> torch.Tensor:
         self.check_episode(episode)
@@ -93,8 +83,8 @@ class TunedGradientDescent(LinearSolver):
         support: int | Sequence[int] = 10, num_tasks: int = 2000, query: int = 10, seed: int = TUNING_SEED,
     ) -> None:
         super().__init__()
-        self.steps = _check_steps("TunedGradientDescent", steps)
-        self.lrs = _check_grid("TunedGradientDescent", "lrs", lrs, low=0.0)
+        self.steps = positive_int("steps", steps, owner="TunedGradientDescent")
+        self.lrs = sequence_of("lrs", lrs, non_negative_float, owner="TunedGradientDescent")
         self.tuning = HeldOutTuning(family, support, num_tasks, query, seed, "TunedGradientDescent")
         self.chosen: dict[int, float] = {}
 
@@ -127,9 +117,9 @@ class TunedGDPlusPlus(Learner):
         query: int = 10, seed: int = TUNING_SEED,
     ) -> None:
         super().__init__()
-        self.steps = _check_steps("TunedGDPlusPlus", steps)
-        lrs = _check_grid("TunedGDPlusPlus", "lrs", lrs, low=0.0)
-        gammas = _check_grid("TunedGDPlusPlus", "gammas", gammas, low=0.0)
+        self.steps = positive_int("steps", steps, owner="TunedGDPlusPlus")
+        lrs = sequence_of("lrs", lrs, non_negative_float, owner="TunedGDPlusPlus")
+        gammas = sequence_of("gammas", gammas, non_negative_float, owner="TunedGDPlusPlus")
         self.candidates = [GDPlusPlus(self.steps, lr, g) for lr, g in itertools.product(lrs, gammas)]
         self.tuning = HeldOutTuning(family, support, num_tasks, query, seed, "TunedGDPlusPlus")
         self.chosen: dict[int, tuple[float, float]] = {}

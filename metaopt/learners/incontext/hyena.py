@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metaopt.checks import positive_int
 from metaopt.learners.incontext.prefix import PrefixLearner
 
 
@@ -121,8 +122,7 @@ class HyenaLearner(PrefixLearner):
     ) -> None:
         super().__init__(x_dim, y_dim, token_format, max_support=max_support)
         for name, value in (("width", width), ("layers", layers)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"HyenaLearner: {name} must be a positive int; got {value!r}")
+            positive_int(name, value, owner="HyenaLearner")
         max_len = 2 * max_support + 1
         self.read_in = nn.Linear(x_dim + y_dim, width)
         self.blocks = nn.ModuleList(HyenaBlock(width, max_len) for _ in range(layers))

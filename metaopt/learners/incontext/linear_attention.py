@@ -37,6 +37,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from metaopt.checks import one_of, positive_int
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
 from metaopt.learners.incontext.tokens import (
@@ -96,12 +97,8 @@ class LinearSelfAttention(Learner):
     ) -> None:
         super().__init__()
         for name, value in (("x_dim", x_dim), ("y_dim", y_dim), ("layers", layers), ("heads", heads)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"LinearSelfAttention: {name} must be a positive int; got {value!r}")
-        if parameterization not in PARAMETERIZATIONS:
-            raise ValueError(
-                f"LinearSelfAttention: parameterization must be one of {PARAMETERIZATIONS}; got {parameterization!r}"
-            )
+            positive_int(name, value, owner="LinearSelfAttention")
+        one_of("parameterization", parameterization, PARAMETERIZATIONS, owner="LinearSelfAttention")
         self.x_dim, self.y_dim, self.layers, self.heads = x_dim, y_dim, layers, heads
         self.parameterization = parameterization
         self.token_format = check_token_format("LinearSelfAttention", token_format)

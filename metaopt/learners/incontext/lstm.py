@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from metaopt.checks import positive_int
 from metaopt.learners.incontext.prefix import PrefixLearner
 
 
@@ -31,8 +32,7 @@ class LSTMLearner(PrefixLearner):
     ) -> None:
         super().__init__(x_dim, y_dim, token_format)
         for name, value in (("hidden", hidden), ("layers", layers)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"LSTMLearner: {name} must be a positive int; got {value!r}")
+            positive_int(name, value, owner="LSTMLearner")
         self.read_in = nn.Linear(x_dim + y_dim, hidden)
         self.cells = nn.ModuleList(nn.LSTMCell(hidden, hidden) for _ in range(layers))
         self.read_out = nn.Linear(hidden, y_dim)

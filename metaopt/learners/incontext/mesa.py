@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from metaopt.learners.incontext.prefix import PrefixLearner
+from metaopt.checks import positive_float, positive_int
 from metaopt.learners.incontext.tokens import prefix_mask, read_y_slot
 
 
@@ -52,8 +53,7 @@ class MesaAttention(nn.Module):
             raise ValueError(
                 f"MesaAttention: head_dim must be >= 1; got {head_dim!r} (n_embd={n_embd}, n_head={n_head})"
             )
-        if not lam_init > 0:
-            raise ValueError(f"MesaAttention: lam_init must be > 0; got {lam_init!r}")
+        positive_float("lam_init", lam_init, owner="MesaAttention")
         self.n_head, self.head_dim = n_head, head_dim
         self.qkv = nn.Linear(n_embd, 3 * n_head * head_dim)
         self.proj = nn.Linear(n_head * head_dim, n_embd)
@@ -110,8 +110,7 @@ class MesaLayer(PrefixLearner):
     ) -> None:
         super().__init__(x_dim, y_dim, token_format)
         for name, value in (("layers", layers), ("heads", heads)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"MesaLayer: {name} must be a positive int; got {value!r}")
+            positive_int(name, value, owner="MesaLayer")
         width = x_dim + y_dim
         self.blocks = nn.ModuleList(
             MesaAttention(width, heads, head_dim=width if head_dim is None else head_dim, lam_init=lam_init)
@@ -125,8 +124,7 @@ class MesaLayer(PrefixLearner):
         Keys and queries read x, values read y, λ = 1/penalty, and the projection writes ``−Φ x_q``
         into the y-slot so that the read-out ``−(y-slot)`` is the ridge prediction.
         """
-        if not penalty > 0:
-            raise ValueError(f"MesaLayer.from_ridge: penalty must be > 0; got {penalty!r}")
+        positive_float("penalty", penalty, owner="MesaLayer.from_ridge")
         model = cls(x_dim, y_dim=y_dim, layers=1, heads=1, lam_init=1.0 / penalty)
         E = x_dim + y_dim
         attn = model.blocks[0]

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from metaopt.checks import optional, positive_int
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
 from metaopt.learners.incontext.tokens import (
@@ -38,10 +39,8 @@ class PrefixLearner(Learner):
         super().__init__()
         owner = type(self).__name__
         for name, value in (("x_dim", x_dim), ("y_dim", y_dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{owner}: {name} must be a positive int; got {value!r}")
-        if max_support is not None and (not isinstance(max_support, int) or max_support < 1):
-            raise ValueError(f"{owner}: max_support must be a positive int or None; got {max_support!r}")
+            positive_int(name, value, owner=owner)
+        optional(positive_int, "max_support", max_support, owner=owner)
         self.x_dim, self.y_dim, self.max_support = x_dim, y_dim, max_support
         self.token_format = check_token_format(owner, token_format)
 

@@ -17,11 +17,13 @@ exactly a prefix of the context: predictions for every support size in one forwa
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from metaopt.checks import integer, one_of, sequence_of
 from metaopt.episodes import Episode
 
 TOKEN_FORMATS: tuple[str, ...] = ("interleaved", "concatenated")
@@ -29,9 +31,7 @@ TOKEN_FORMATS: tuple[str, ...] = ("interleaved", "concatenated")
 
 def check_token_format(owner: str, token_format: object) -> str:
     """``token_format`` if it is one of ``TOKEN_FORMATS``; a ValueError naming ``owner`` otherwise."""
-    if token_format not in TOKEN_FORMATS:
-        raise ValueError(f"{owner}: token_format must be one of {TOKEN_FORMATS}; got {token_format!r}")
-    return str(token_format)
+    return one_of("token_format", token_format, TOKEN_FORMATS, owner=owner)  # type: ignore[return-value]
 
 
 def episode_arrays(
@@ -102,10 +102,5 @@ def prefix_mask(
 
 def check_support_sizes(owner: str, support_sizes: Sequence[int], num_support: int) -> list[int]:
     """``support_sizes`` as a list of ints in ``[0, num_support]``; a ValueError otherwise."""
-    sizes = [int(k) for k in support_sizes]
-    if not sizes or any(k < 0 or k > num_support for k in sizes):
-        raise ValueError(
-            f"{owner}.predict_by_support_size: support sizes must be a non-empty list in [0, {num_support}]; "
-            f"got {list(support_sizes)!r}"
-        )
-    return sizes
+    in_range = partial(integer, low=0, high=num_support)
+    return list(sequence_of("support_sizes", support_sizes, in_range, owner=f"{owner}.predict_by_support_size"))

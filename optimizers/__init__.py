@@ -25,9 +25,12 @@ from optimizers.alias import (
 from optimizers.base import (
     EmptyState,
     GradientTransformation,
+    InPlaceUpdate,
     OptState,
     Params,
     Schedule,
+    Workspace,
+    apply_in_place,
     apply_updates,
     chain,
     identity,
@@ -50,7 +53,7 @@ from optimizers.schedules import (
     linear_schedule,
     warmup_cosine_decay_schedule,
 )
-from optimizers.torch_adapter import FunctionalOptimizer, InPlaceUpdate, as_torch_optimizer
+from optimizers.torch_adapter import FunctionalOptimizer, as_torch_optimizer
 from optimizers.transforms import (
     ScaleByAdamState,
     ScaleByLionState,
@@ -100,12 +103,14 @@ __all__ = [
     "ScaleByRssState",
     "ScaleByScheduleState",
     "TraceState",
+    "Workspace",
     "adagrad",
     "adagrad_direction",
     "adam",
     "adam_direction",
     "adamw",
     "add_decayed_weights",
+    "apply_in_place",
     "apply_updates",
     "as_torch_optimizer",
     "chain",

@@ -5,6 +5,22 @@ direction ``d_t`` is what gets subtracted, ``θ_{t+1} = θ_t - lr_t * d_t``. Lea
 directions listed in :data:`DIRECTIONS`. Defaults and conventions follow ``torch.optim`` so that each optimizer
 reproduces its torch counterpart step for step. ``lr`` may be a number, a tensor (to meta-learn it) or a
 schedule from :mod:`optimizers.schedules`.
+
+Adding a direction ``foo`` touches this file, ``transforms.py`` and a test:
+
+1. ``transforms.py``: ``scale_by_foo(...)`` with its state named tuple right above it, the pure ``update`` and,
+   beside it, the in-place kernel ``apply_(targets, grads, state, params, *, loss, scale, workspace) -> state``
+   that advances the state tensors in place and adds ``scale[k] * d_k`` to each ``targets[k]``
+   (:class:`~optimizers.base.InPlaceUpdate`; temporaries from ``workspace.like(grads)``); return
+   ``_with_kernel(init, update, apply_, *hyper_parameters)``. The kernel is optional: without one the direction
+   runs everywhere, the fast paths (``as_torch_optimizer``, :class:`~optimizers.LayerwiseMixture` without a graph)
+   add its pure update instead, correct and slower. torch's private kernels are reached only through
+   :mod:`optimizers._torch_kernels`.
+2. here: ``foo_direction(...)``, the optimizer ``foo(lr, ...)`` chained from it, and its entries in
+   :data:`DIRECTIONS` and :data:`DEFAULT_BASE_LRS`, which is all :class:`~optimizers.LayerwiseMixture` needs.
+3. the test: a case for ``foo`` against a reference in ``tests/test_optimizers.py``;
+   ``tests/test_inplace_kernels.py`` already checks every entry of :data:`DIRECTIONS`: its kernel against its
+   pure update, and the mixture's fast path against its graph path.
 """
 
 from __future__ import annotations
@@ -26,6 +42,7 @@ from optimizers.transforms import (
 )
 
 __all__ = [
+    "DEFAULT_BASE_LRS",
     "DIRECTIONS",
     "adagrad",
     "adagrad_direction",
@@ -105,6 +122,18 @@ DIRECTIONS: dict[str, Callable[[], GradientTransformation]] = {
     "lion": lion_direction,
 }
 """Base directions with their default hyper-parameters, by name (what :class:`LayerwiseMixture` mixes)."""
+
+DEFAULT_BASE_LRS: dict[str, float] = {
+    "sgd": 1e-1,
+    "momentum": 1e-2,
+    "nesterov": 1e-2,
+    "adam": 1e-3,
+    "rmsprop": 1e-3,
+    "adagrad": 1e-2,
+    "sign": 1e-3,
+    "lion": 1e-4,
+}
+"""Each direction's learning rate ``η_b`` in :class:`LayerwiseMixture`, putting the directions on one scale."""
 
 
 # --- optimizers ---------------------------------------------------------------------------------------------

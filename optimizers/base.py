@@ -5,11 +5,16 @@ An optimizer is a :class:`GradientTransformation`, a named tuple of ``init(param
 (``optax/_src/base.py``). Nothing is modified in place, so the functions run under ``torch.func.grad`` /
 ``torch.func.vmap`` and meta-gradients flow through them into tensor-valued hyper-parameters. ``loss`` is
 the current training loss; hand-designed transforms ignore it, learned optimizers use it as a feature.
+
+A transform may also carry an in-place kernel (:class:`InPlaceUpdate`): the same rule, advancing its state
+tensors in place and adding its updates into given tensors, for a caller that keeps no autograd graph (the
+``torch.optim`` bridge, :class:`~optimizers.LayerwiseMixture` without a graph). :func:`apply_in_place` uses the
+kernel where there is one and the pure update otherwise, so a transform without a kernel is slower, never wrong.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -24,11 +29,14 @@ Schedule = Callable[[Tensor], Scalar]
 __all__ = [
     "EmptyState",
     "GradientTransformation",
+    "InPlaceUpdate",
     "OptState",
     "Params",
     "Scalar",
     "Schedule",
     "Updates",
+    "Workspace",
+    "apply_in_place",
     "apply_updates",
     "chain",
     "identity",
@@ -74,11 +82,20 @@ def apply_updates(params: Params, updates: Updates) -> Params:
 
 def identity() -> GradientTransformation:
     """The transform that returns the gradients unchanged (the plain SGD direction)."""
-    return stateless(lambda updates, params: updates)
+
+    def add_(targets, grads, state, params=None, *, loss=None, scale, workspace):
+        del params, loss, workspace
+        for k, target in targets.items():
+            target.add_(grads[k], alpha=scale[k])
+        return state
+
+    return stateless(lambda updates, params: updates, apply_=add_)
 
 
-def stateless(fn: Callable[[Updates, Params | None], Updates]) -> GradientTransformation:
-    """Wrap ``fn(updates, params) -> updates`` as a transform with an empty state."""
+def stateless(
+    fn: Callable[[Updates, Params | None], Updates], *, apply_: InPlaceFn | None = None
+) -> GradientTransformation:
+    """Wrap ``fn(updates, params) -> updates`` as a transform with an empty state (and ``apply_`` its kernel)."""
 
     def init(params: Params) -> EmptyState:
         del params
@@ -88,7 +105,7 @@ def stateless(fn: Callable[[Updates, Params | None], Updates]) -> GradientTransf
         del loss
         return fn(grads, params), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update if apply_ is None else InPlaceUpdate(update, apply_))
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
@@ -112,3 +129,83 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 def zeros_like_tree(params: Params) -> Params:
     """Zeros shaped like each parameter (detached from nothing: they are fresh leaves)."""
     return {k: torch.zeros_like(p) for k, p in params.items()}
+
+
+# --- the in-place fast path ------------------------------------------------------------------------------------------
+
+
+class Workspace:
+    """Temporaries lent to in-place kernels and kept across steps: per dtype and device one buffer, cut per key.
+
+    Kept, because a large fresh allocation is fresh pages, and faulting them in costs about as much as the
+    arithmetic done on them. A kernel may overwrite what :meth:`like` returns, during its own call only.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self._views: tuple[tuple, Params] = ((), {})
+
+    def like(self, tensors: Params) -> Params:
+        """A tensor shaped and typed like each of ``tensors``, none sharing memory with another; contents undefined."""
+        layout = tuple((k, t.shape, t.dtype, t.device) for k, t in tensors.items())
+        if layout == self._views[0]:
+            return self._views[1]
+        sizes: dict[tuple[torch.dtype, torch.device], int] = {}
+        for t in tensors.values():
+            sizes[t.dtype, t.device] = sizes.get((t.dtype, t.device), 0) + t.numel()
+        for key, size in sizes.items():
+            if key not in self._buffers or self._buffers[key].numel() < size:
+                self._buffers[key] = torch.empty(size, dtype=key[0], device=key[1])
+        offsets = dict.fromkeys(sizes, 0)
+        views = {}
+        for k, t in tensors.items():
+            start = offsets[t.dtype, t.device]
+            views[k] = self._buffers[t.dtype, t.device][start : start + t.numel()].view(t.shape)
+            offsets[t.dtype, t.device] = start + t.numel()
+        self._views = (layout, views)
+        return views
+
+
+class InPlaceFn(Protocol):
+    def __call__(
+        self, targets: Params, grads: Updates, state: OptState, params: Params | None = None, *,
+        loss: Tensor | None = None, scale: Mapping[str, float], workspace: Workspace,
+    ) -> OptState: ...
+
+
+class InPlaceUpdate:
+    """An ``update`` that carries its in-place kernel ``apply_``, the fast path of a step that keeps no graph.
+
+    Calling it is the pure ``update(grads, state, params, *, loss) -> (updates, state)``.
+    ``apply_(targets, grads, state, params, *, loss, scale, workspace) -> state`` adds ``scale[k] * updates[k]``
+    to ``targets[k]`` in place for every key of ``grads`` (foreach-style, over all of them in one call) and returns
+    the next state, which may hold the very tensors of ``state``, overwritten. It is only for a caller that owns
+    the state, runs under ``torch.no_grad()`` and holds ordinary tensors (not ``torch.func`` wrappers); its
+    temporaries come from ``workspace``. Up to rounding it must equal the pure update, which
+    ``tests/test_inplace_kernels.py`` checks for every direction in :data:`optimizers.DIRECTIONS`.
+    """
+
+    def __init__(self, update: UpdateFn, apply_: InPlaceFn) -> None:
+        self._update = update
+        self.apply_ = apply_
+
+    def __call__(
+        self, grads: Updates, state: OptState, params: Params | None = None, *, loss: Tensor | None = None
+    ) -> tuple[Updates, OptState]:
+        return self._update(grads, state, params, loss=loss)
+
+
+def apply_in_place(
+    transform: GradientTransformation, targets: Params, grads: Updates, state: OptState, params: Params | None = None,
+    *, loss: Tensor | None = None, scale: Mapping[str, float], workspace: Workspace,
+) -> OptState:
+    """``targets[k] += scale[k] * updates[k]`` in place; return the next state (see :class:`InPlaceUpdate`).
+
+    Through the transform's kernel when its ``update`` is an :class:`InPlaceUpdate`, else through its pure update.
+    """
+    if isinstance(transform.update, InPlaceUpdate):
+        return transform.update.apply_(targets, grads, state, params, loss=loss, scale=scale, workspace=workspace)
+    updates, state = transform.update(grads, state, params, loss=loss)
+    for k, target in targets.items():
+        target.add_(updates[k].to(target.dtype), alpha=scale[k])
+    return state

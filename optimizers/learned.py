@@ -8,20 +8,26 @@ Both need ``update(grads, state, params)``; :class:`LayerwiseMixture` also needs
 
 from __future__ import annotations
 
-import inspect
-import math
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.utils import _pytree as pytree
 
 from optimizers._checks import non_negative_float, positive_float, positive_int
-from optimizers.alias import DIRECTIONS
-from optimizers.base import GradientTransformation, Params, tree_map, zeros_like_tree
-from optimizers.torch_adapter import InPlaceUpdate
+from optimizers._torch_kernels import is_plain
+from optimizers.alias import DEFAULT_BASE_LRS, DIRECTIONS
+from optimizers.base import (
+    GradientTransformation,
+    InPlaceUpdate,
+    OptState,
+    Params,
+    Workspace,
+    apply_in_place,
+    tree_map,
+    zeros_like_tree,
+)
 
 __all__ = [
     "LayerwiseMixture",
@@ -29,18 +35,6 @@ __all__ = [
     "PerParameterMLP",
     "PerParameterMLPState",
 ]
-
-DEFAULT_BASE_LRS = {
-    "sgd": 1e-1,
-    "momentum": 1e-2,
-    "nesterov": 1e-2,
-    "adam": 1e-3,
-    "rmsprop": 1e-3,
-    "adagrad": 1e-2,
-    "sign": 1e-3,
-    "lion": 1e-4,
-}
-
 
 def _mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
     """Two hidden ReLU layers; the last layer starts at zero so the optimizer starts at its initial rule."""
@@ -145,8 +139,7 @@ class LayerwiseMixture(nn.Module):
                 f"direction_kwargs names {sorted(direction_kwargs)!r}; expected some of {list(directions)!r}"
             )
         self._directions = [DIRECTIONS[d](**direction_kwargs.get(d, {})) for d in directions]
-        self._fast = _fast_hyperparameters(self.direction_names, direction_kwargs)
-        self._scratch = _Scratch()
+        self._workspace = Workspace()  # temporaries of the no-grad update
         self.base_lrs = tuple(float(lrs[d]) for d in directions)  # fixed, kept in float64 precision
         alpha0 = torch.tensor([initial.get(d, 0.0) for d in directions]).repeat(len(groups), 1)
         if static:
@@ -170,8 +163,8 @@ class LayerwiseMixture(nn.Module):
     def optimizer(self, meta_params: Mapping[str, Tensor] | None = None) -> GradientTransformation:
         """The functional optimizer; with ``meta_params`` (from ``named_parameters``) it uses those instead.
 
-        When every direction has a fused form (:func:`_fast_hyperparameters`), ``update`` is an
-        :class:`~optimizers.torch_adapter.InPlaceUpdate`, whose in-place step ``as_torch_optimizer`` uses.
+        ``update`` is an :class:`~optimizers.base.InPlaceUpdate`, whose in-place step ``as_torch_optimizer`` uses;
+        without a graph, ``update`` itself takes the same path on a copy of the state (see :meth:`_mix_`).
         """
         decays = torch.tensor(self.loss_decays, dtype=torch.float64)
 
@@ -205,24 +198,22 @@ class LayerwiseMixture(nn.Module):
 
         def update(grads, state, params=None, *, loss=None):
             count, loss_ema, alpha, step = coefficients(grads, state, params, loss)
-            if self._fast is not None and not torch.is_grad_enabled() and not _batched(next(iter(grads.values()))):
-                updates = zeros_like_tree(grads)
-                directions = self._mix_(updates, grads, pytree.tree_map(torch.clone, state.directions), step)
+            if not torch.is_grad_enabled() and all(is_plain(t) for t in (step, *grads.values(), *params.values())):
+                updates, ones = zeros_like_tree(grads), dict.fromkeys(grads, 1.0)
+                directions = self._mix_(updates, grads, _clone(state.directions), params, loss, step, ones,
+                                        self._workspace)
                 return updates, LayerwiseMixtureState(count, loss_ema, directions, alpha)
             outs = [d.update(grads, s, params, loss=loss) for d, s in zip(self._directions, state.directions)]
             updates = {k: sum(step[self._layer_of[k], b] * out[0][k] for b, out in enumerate(outs)) for k in grads}
             new_state = LayerwiseMixtureState(count, loss_ema, tuple(out[1] for out in outs), alpha.detach())
             return updates, new_state
 
-        def apply_(grads, state, params, *, loss, lr, frozen):
+        def apply_(targets, grads, state, params=None, *, loss=None, scale, workspace):
             with torch.no_grad():
                 count, loss_ema, alpha, step = coefficients(grads, state, params, loss)
-                targets = {k: torch.zeros_like(g) if k in frozen else params[k] for k, g in grads.items()}
-                directions = self._mix_(targets, grads, state.directions, lr * step)
+                directions = self._mix_(targets, grads, state.directions, params, loss, step, scale, workspace)
             return LayerwiseMixtureState(count, loss_ema, directions, alpha)
 
-        if self._fast is None:
-            return GradientTransformation(init, update)
         return GradientTransformation(init, InPlaceUpdate(update, apply_))
 
     def _features(self, grads: Params, params: Params, count: Tensor, ema_hat: Tensor) -> Tensor:
@@ -239,42 +230,25 @@ class LayerwiseMixture(nn.Module):
         shared = _symlog(ema_hat).expand(layers, -1)
         return torch.cat([progress, shared, log_norms], dim=-1)
 
-    def _mix_(self, targets: Params, grads: Params, states: tuple, step: Tensor) -> tuple:
-        """Add ``Σ_b step_{l,b} d_b`` to each ``targets[k]`` in place; return the directions' next states.
+    def _mix_(
+        self, targets: Params, grads: Params, states: tuple, params: Params, loss: Tensor | None, step: Tensor,
+        scale: Mapping[str, float], workspace: Workspace,
+    ) -> tuple:
+        """Add ``scale_k · Σ_b step_{l(k),b} d_{b,k}`` to each ``targets[k]`` in place; the directions' next states.
 
         The no-grad path of both ``update`` (into zeros, on a copy of the state) and the in-place step (into the
-        parameters): the directions' own rule up to rounding, but their state tensors are advanced in place and
-        reused, and momentum, Adam and RMSProp run through torch's fused optimizer kernels where they apply.
-        Tensor by tensor, all directions at once (sign just before RMSProp, which reuses its output, see
-        :func:`_rmsprop_`).
+        parameters): each direction's own in-place kernel (:func:`~optimizers.base.apply_in_place`), which advances
+        its state tensors in place; a direction without one adds its pure update.
         """
-        scale, scratch = step.tolist(), self._scratch.views(grads)
-        fused = _fusable(targets, grads, states)
-        states = [s._replace(count=s.count + 1) if n == "adam" else s for n, s in zip(self.direction_names, states)]
-        like = next(iter(grads.values()))
-        counts = [  # the step t of the fused Adam kernel (RMSProp runs it at t = 1), in its format
-            torch.full((), float(s.count) if n == "adam" else 1.0, dtype=torch.float32, device=like.device)
-            for n, s in zip(self.direction_names, states)
-        ]
-        rank = {"sign": 0, "rmsprop": 1}
-        order = sorted(range(len(states)), key=lambda b: rank.get(self.direction_names[b], 2))
-        for k, g in grads.items():
-            target, coefficients, temporary, signs = targets[k], scale[self._layer_of[k]], scratch[k], False
-            for b in order:
-                name, state, hp, c = self.direction_names[b], states[b], self._fast[b], coefficients[b]
-                if name == "sgd":
-                    target.add_(g, alpha=c)
-                elif name == "sign":
-                    target.add_(torch.sign(g, out=temporary), alpha=c)
-                    signs = True
-                elif name == "momentum":
-                    _momentum_(target, g, state.trace[k], c, fused, **hp)
-                elif name == "rmsprop":
-                    _rmsprop_(target, g, state.nu[k], c, temporary, counts[b], fused, holds_signs=signs, **hp)
-                else:
-                    _adam_(target, g, state.mu[k], state.nu[k], c, counts[b], temporary, fused, **hp)
-                signs = signs and name == "sign"
-        return tuple(states)
+        rows = step.tolist()  # [layers][directions], Python floats
+        layer_rows = {k: rows[self._layer_of[k]] for k in grads}
+        return tuple(
+            apply_in_place(
+                direction, targets, grads, inner, params, loss=loss,
+                scale={k: scale[k] * row[b] for k, row in layer_rows.items()}, workspace=workspace,
+            )
+            for b, (direction, inner) in enumerate(zip(self._directions, states))
+        )
 
     def _check_keys(self, params: Params) -> None:
         if set(params) != set(self._layer_of):
@@ -285,139 +259,22 @@ class LayerwiseMixture(nn.Module):
             )
 
 
-def _batched(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is a ``torch.func.vmap`` batched tensor (the fused path's foreach ops are not vmapped)."""
-    return torch._C._functorch.is_batchedtensor(tensor)
-
-
-_FAST_DIRECTIONS = ("sgd", "momentum", "adam", "rmsprop", "sign")
+def _clone(tree: OptState) -> OptState:
+    """A copy of a state's tensors, in the same nesting of named tuples, tuples, lists and dicts."""
+    if isinstance(tree, Tensor):
+        return tree.clone()
+    if isinstance(tree, dict):
+        return {k: _clone(v) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_clone(v) for v in tree))
+    if isinstance(tree, tuple | list):
+        return type(tree)(_clone(v) for v in tree)
+    return tree
 
 
 def _sum_of_squares(tensor: Tensor) -> Tensor:
     flat = tensor.reshape(-1)
     return torch.dot(flat, flat)
-
-
-class _Scratch:
-    """Temporaries shaped like the gradients, cut from one buffer kept across steps.
-
-    Kept rather than allocated per step: a large fresh allocation is fresh pages, and faulting them in costs about
-    as much as the arithmetic done on them.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-        self._views: tuple[tuple, dict[str, Tensor]] = ((), {})
-
-    def views(self, grads: Params) -> dict[str, Tensor]:
-        layout = tuple((k, g.shape, g.dtype, g.device) for k, g in grads.items())
-        if layout == self._views[0]:
-            return self._views[1]
-        views = {}
-        for k, g in grads.items():
-            key = (g.dtype, g.device)
-            buffer = self._buffers.get(key)
-            if buffer is None or buffer.numel() < g.numel():
-                buffer = self._buffers[key] = g.new_empty(max(x.numel() for x in grads.values()))
-            views[k] = buffer[: g.numel()].view(g.shape)
-        self._views = (layout, views)
-        return views
-
-
-def _fusable(targets: Params, grads: Params, states: Sequence[NamedTuple]) -> bool:
-    """Whether torch's fused optimizer kernels may take these tensors: they walk raw memory, so one layout, dtype and
-    device (the step counts, integer scalars, are not walked)."""
-    tensors = [*targets.values(), *grads.values()]
-    for state in states:
-        for field in state:
-            tensors.extend(field.values() if isinstance(field, Mapping) else [field])
-    floats = [t for t in tensors if t.is_floating_point()]
-    return (floats[0].device.type in ("cpu", "cuda") and all(t.is_contiguous() for t in floats)
-            and len({(t.dtype, t.device) for t in floats}) == 1)
-
-
-def _fused_adam(
-    target: Tensor, g: Tensor, mu: Tensor, nu: Tensor, c: float, step: Tensor, *, b1: float, b2: float, eps: float
-) -> None:
-    """``target += c · m̂_t / (sqrt(v̂_t) + eps)`` by torch's fused Adam kernel, advancing ``mu`` and ``nu`` in place.
-
-    ``step`` holds ``t`` as a float32 scalar tensor, the kernel's own format.
-    """
-    torch._fused_adam_(
-        [target], [g], [mu], [nu], [], [step],
-        lr=-c, beta1=b1, beta2=b2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False,
-    )
-
-
-def _momentum_(target: Tensor, g: Tensor, trace: Tensor, c: float, fused: bool, *, beta: float) -> None:
-    """``target += c · b_t`` with ``b_t = beta · b_{t-1} + g_t`` (heavy ball), advancing ``trace`` in place.
-
-    torch's fused SGD kernel (``torch.optim.SGD(fused=True)``) does it in one pass where it applies.
-    """
-    if fused:
-        torch._fused_sgd_(
-            [target], [g], [trace],
-            weight_decay=0.0, momentum=beta, lr=-c, dampening=0.0, nesterov=False, maximize=False, is_first_step=False,
-        )
-        return
-    target.add_(torch.add(g, trace, alpha=beta, out=trace), alpha=c)
-
-
-def _adam_(
-    target: Tensor, g: Tensor, mu: Tensor, nu: Tensor, c: float, step: Tensor, scratch: Tensor, fused: bool, *,
-    b1: float, b2: float, eps: float, eps_root: float,
-) -> None:
-    """``target += c · m̂_t / (sqrt(v̂_t + eps_root) + eps)`` (Adam's direction), advancing ``mu`` and ``nu`` in place.
-
-    torch's fused Adam kernel (``torch.optim.Adam(fused=True)``) does it in one pass when ``eps_root = 0``; it
-    leaves a third of the time of the separate in-place ops. ``step`` holds ``t`` (float32 scalar tensor).
-    """
-    if eps_root == 0 and fused:
-        _fused_adam(target, g, mu, nu, c, step, b1=b1, b2=b2, eps=eps)
-        return
-    t = float(step)
-    mu.lerp_(g, 1.0 - b1)
-    nu.lerp_(torch.mul(g, g, out=scratch), 1.0 - b2)
-    denom = torch.div(nu, 1.0 - b2**t, out=scratch).add_(eps_root).sqrt_().add_(eps)
-    target.addcdiv_(mu, denom, value=c / (1.0 - b1**t))
-
-
-def _rmsprop_(
-    target: Tensor, g: Tensor, nu: Tensor, c: float, scratch: Tensor, one: Tensor, fused: bool, *, holds_signs: bool,
-    alpha: float, eps: float, eps_root: float,
-) -> None:
-    """``target += c · g_t / (sqrt(v_t + eps_root) + eps)`` (RMSProp's direction), advancing ``nu`` in place.
-
-    With ``eps_root = 0`` this is Adam with ``b1 = 0`` (so ``m_t = g_t``) and ``b2 = alpha`` at step 1, whose bias
-    correction ``sqrt(1 - alpha)`` of ``sqrt(v)`` is undone by dividing ``lr`` and ``eps`` by it: the fused kernel.
-    Its first moment ``m`` is ``0 · m + g``: any ``m`` finite where ``g`` is gives ``g``, so ``scratch`` need not be
-    zeroed when it ``holds_signs`` of ``g`` (the sign direction's output). ``one`` is the step t = 1 (float32 tensor).
-    """
-    if eps_root == 0 and fused:
-        k = math.sqrt(1.0 - alpha)
-        first_moment = scratch if holds_signs else scratch.zero_()
-        _fused_adam(target, g, first_moment, nu, c / k, one, b1=0.0, b2=alpha, eps=eps / k)
-        return
-    nu.lerp_(torch.mul(g, g, out=scratch), 1.0 - alpha)
-    target.addcdiv_(g, torch.add(nu, eps_root, out=scratch).sqrt_().add_(eps), value=c)
-
-
-def _fast_hyperparameters(names: Sequence[str], kwargs: Mapping[str, Mapping[str, Any]]) -> list[dict] | None:
-    """Each direction's hyper-parameters (defaults filled in) when the fused no-grad path covers them all, else None.
-
-    Covered: sgd, momentum (heavy ball), adam and non-centered rmsprop with plain-number hyper-parameters, sign.
-    """
-    resolved = []
-    for name in names:
-        if name not in _FAST_DIRECTIONS:
-            return None
-        bound = inspect.signature(DIRECTIONS[name]).bind(**kwargs.get(name, {}))
-        bound.apply_defaults()
-        values = dict(bound.arguments)
-        if values.get("centered") or any(isinstance(v, Tensor) for v in values.values()):
-            return None
-        resolved.append({k: float(v) for k, v in values.items() if k != "centered"})
-    return resolved
 
 
 # --- the general per-parameter learned optimizer -----------------------------------------------------------------

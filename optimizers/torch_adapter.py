@@ -12,51 +12,27 @@ of parameters give names; plain parameters are keyed ``"0", "1", ...`` within th
 its own functional optimizer under the key ``"optimizer"``. The group's ``"lr"`` (1.0 by default) multiplies the
 functional optimizer's updates, so ``torch.optim.lr_scheduler`` schedulers work on top of it.
 
-A functional optimizer whose ``update`` is an :class:`InPlaceUpdate` (the learned mixture's) is stepped through its
-in-place variant instead: the step needs no autograd graph and the adapter owns the state, so the state tensors and
-the parameters are overwritten rather than rebuilt, which is what makes the step about as cheap as ``torch.optim``'s.
+A functional optimizer whose ``update`` is an :class:`~optimizers.base.InPlaceUpdate` (the learned mixture's, the
+base directions') is stepped through its in-place kernel: the step needs no autograd graph and the adapter owns the
+state, so the state tensors and the parameters are overwritten rather than rebuilt, which is what makes the step
+about as cheap as ``torch.optim``'s. Any other optimizer's updates are computed and then added.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Set
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from optimizers._checks import non_negative_float
-from optimizers.base import GradientTransformation, OptState, Params, Updates, UpdateFn
+from optimizers.base import GradientTransformation, OptState, Params, Workspace, apply_in_place
 
-__all__ = ["FunctionalOptimizer", "InPlaceUpdate", "as_torch_optimizer"]
+__all__ = ["FunctionalOptimizer", "as_torch_optimizer"]
 
 ParamsArg = Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]] | Mapping[str, Tensor]
-
-
-class ApplyFn(Protocol):
-    def __call__(
-        self, grads: Updates, state: OptState, params: Params, *, loss: Tensor | None, lr: float, frozen: Set[str]
-    ) -> OptState: ...
-
-
-class InPlaceUpdate:
-    """A functional ``update`` that also offers an in-place step, the fast path of :class:`FunctionalOptimizer`.
-
-    Calling it is the pure ``update(grads, state, params, *, loss) -> (updates, state)``.
-    ``apply_(grads, state, params, *, loss, lr, frozen) -> state`` adds ``lr * updates`` to ``params`` in place
-    (except the names in ``frozen``, whose state still advances) and returns the next state, which may hold the
-    very tensors of ``state``, overwritten: it is only for a caller that owns the state and needs no autograd graph.
-    """
-
-    def __init__(self, update: UpdateFn, apply_: ApplyFn) -> None:
-        self._update = update
-        self.apply_ = apply_
-
-    def __call__(
-        self, grads: Updates, state: OptState, params: Params | None = None, *, loss: Tensor | None = None
-    ) -> tuple[Updates, OptState]:
-        return self._update(grads, state, params, loss=loss)
 
 
 class FunctionalOptimizer(torch.optim.Optimizer):
@@ -74,6 +50,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         self._default_optimizer = optimizer
         self._optimizers: list[GradientTransformation] = []
         self._states: list[OptState] = []
+        self._workspace = Workspace()
         if isinstance(params, Mapping):
             params = list(params.items())
         super().__init__(params, defaults={"lr": float(lr)})
@@ -105,17 +82,12 @@ class FunctionalOptimizer(torch.optim.Optimizer):
                 continue
             grads = {n: _dense_grad(n, p) for n, p in named.items()}
             params = {n: p.detach() for n, p in named.items()}
-            update, state = self._optimizers[index].update, self._states[index]
-            if isinstance(update, InPlaceUpdate):
-                frozen = {n for n, p in named.items() if p.grad is None}
-                self._states[index] = update.apply_(
-                    grads, state, params, loss=loss_value, lr=group["lr"], frozen=frozen
-                )
-                continue
-            updates, self._states[index] = update(grads, state, params, loss=loss_value)
-            for name, p in named.items():
-                if p.grad is not None:
-                    p.add_(updates[name].to(p.dtype), alpha=group["lr"])
+            # a parameter without a gradient stays put: its update goes to a throw-away tensor
+            targets = {n: p if named[n].grad is not None else torch.zeros_like(p) for n, p in params.items()}
+            self._states[index] = apply_in_place(
+                self._optimizers[index], targets, grads, self._states[index], params, loss=loss_value,
+                scale=dict.fromkeys(targets, group["lr"]), workspace=self._workspace,
+            )
         return loss
 
     def state_dict(self) -> dict[str, Any]:

@@ -3,20 +3,29 @@
 Each ``scale_by_*`` returns an update *direction* (to be subtracted); :func:`scale_by_learning_rate` ends a
 chain with the minus sign and the step size. Every stateful transform keeps its state in the named tuple right
 above its factory; dict-valued fields have one tensor per parameter, shaped and typed like it, and ``count``
-fields are int64 scalars counting the updates done so far. No operation is in place.
+fields are int64 scalars counting the updates done so far. No operation of an ``update`` is in place.
+
+Each direction also carries its in-place kernel ``apply_`` (:class:`~optimizers.base.InPlaceUpdate`), written
+right after its ``update``: the same rule for a caller that keeps no graph, advancing the state tensors in place
+and adding ``scale[k] * d_k`` into ``targets[k]``. It exists only for plain-number hyper-parameters (a tensor one may
+be meta-learned, so it stays on the pure path). Kernels that use torch's private fused kernels reach them through
+:mod:`optimizers._torch_kernels`, and only there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from optimizers import _torch_kernels as kernels
 from optimizers._checks import check_hyperparameter
 from optimizers.base import (
     GradientTransformation,
+    InPlaceFn,
+    InPlaceUpdate,
     Params,
     Scalar,
     Schedule,
@@ -54,6 +63,18 @@ def _count() -> Tensor:
 def _bias_correction(decay: Scalar, count: Tensor, like: Tensor) -> Tensor:
     """``1 - decay**count`` in the dtype of ``like`` (float64 parameters get a float64 correction, as in torch)."""
     return 1.0 - torch.as_tensor(decay, dtype=like.dtype) ** count.to(like.dtype)
+
+
+def _columns(grads: Params, *trees: Mapping) -> list[list]:
+    """Each tree's values in the key order of ``grads``: the lists a foreach kernel takes."""
+    return [[tree[k] for k in grads] for tree in trees]
+
+
+def _with_kernel(init, update, apply_: InPlaceFn, *hyperparameters: Scalar) -> GradientTransformation:
+    """The transform with its in-place kernel, or without it when a hyper-parameter is a tensor."""
+    if any(isinstance(h, Tensor) for h in hyperparameters):
+        return GradientTransformation(init, update)
+    return GradientTransformation(init, InPlaceUpdate(update, apply_))
 
 
 def _ema(old: Tensor, new: Tensor, decay: Scalar) -> Tensor:
@@ -134,7 +155,13 @@ def trace(decay: Scalar, *, nesterov: bool = False) -> GradientTransformation:
         updates = tree_map(lambda g, b: g + decay * b, grads, new_trace) if nesterov else new_trace
         return updates, TraceState(trace=new_trace)
 
-    return GradientTransformation(init, update)
+    def apply_(targets, grads, state, params=None, *, loss=None, scale, workspace):
+        del params, loss, workspace
+        t, g, b, c = _columns(grads, targets, grads, state.trace, scale)
+        kernels.momentum_(t, g, b, scales=c, beta=float(decay), nesterov=nesterov)
+        return state
+
+    return _with_kernel(init, update, apply_, decay)
 
 
 class ScaleByAdamState(NamedTuple):
@@ -176,7 +203,15 @@ def scale_by_adam(
 
         return tree_map(direction, mu, nu), ScaleByAdamState(count=count, mu=mu, nu=nu)
 
-    return GradientTransformation(init, update)
+    def apply_(targets, grads, state, params=None, *, loss=None, scale, workspace):
+        del params, loss
+        count = state.count + 1
+        t, g, m, v, tmp, c = _columns(grads, targets, grads, state.mu, state.nu, workspace.like(grads), scale)
+        kernels.adam_(t, g, m, v, tmp, scales=c, count=int(count), b1=float(b1), b2=float(b2), eps=float(eps),
+                      eps_root=float(eps_root))
+        return ScaleByAdamState(count=count, mu=state.mu, nu=state.nu)
+
+    return _with_kernel(init, update, apply_, b1, b2, eps, eps_root)
 
 
 class ScaleByRmsState(NamedTuple):
@@ -209,7 +244,21 @@ def scale_by_rms(
         updates = tree_map(lambda g, v: g / (torch.sqrt(v + eps_root) + eps), grads, variance)
         return updates, ScaleByRmsState(nu=nu, mu=mu)
 
-    return GradientTransformation(init, update)
+    def apply_(targets, grads, state, params=None, *, loss=None, scale, workspace):
+        del params, loss
+        if not centered:
+            t, g, v, tmp, c = _columns(grads, targets, grads, state.nu, workspace.like(grads), scale)
+            kernels.rmsprop_(t, g, v, tmp, scales=c, alpha=float(decay), eps=float(eps), eps_root=float(eps_root))
+            return state
+        columns = _columns(grads, targets, grads, state.nu, state.mu, workspace.like(grads), scale)
+        for target, g, v, m, tmp, c in zip(*columns):
+            v.lerp_(torch.mul(g, g, out=tmp), 1.0 - decay)
+            m.lerp_(g, 1.0 - decay)
+            variance = torch.addcmul(v, m, m, value=-1.0, out=tmp)
+            target.addcdiv_(g, variance.add_(eps_root).sqrt_().add_(eps), value=c)
+        return state
+
+    return _with_kernel(init, update, apply_, decay, eps, eps_root)
 
 
 class ScaleByRssState(NamedTuple):
@@ -232,12 +281,26 @@ def scale_by_rss(eps: Scalar = 1e-10, *, initial_accumulator_value: Scalar = 0.0
         updates = tree_map(lambda g, s: g / (torch.sqrt(s) + eps), grads, sos)
         return updates, ScaleByRssState(sum_of_squares=sos)
 
-    return GradientTransformation(init, update)
+    def apply_(targets, grads, state, params=None, *, loss=None, scale, workspace):
+        del params, loss
+        for target, g, s, tmp, c in zip(*_columns(grads, targets, grads, state.sum_of_squares, workspace.like(grads),
+                                                  scale)):
+            target.addcdiv_(g, torch.sqrt(s.addcmul_(g, g), out=tmp).add_(eps), value=c)
+        return state
+
+    return _with_kernel(init, update, apply_, eps)
 
 
 def scale_by_sign() -> GradientTransformation:
     """Sign descent's direction (signSGD, Bernstein et al. 2018): ``sign(g_t)``."""
-    return stateless(lambda updates, params: tree_map(torch.sign, updates))
+
+    def apply_(targets, grads, state, params=None, *, loss=None, scale, workspace):
+        del params, loss
+        for target, g, tmp, c in zip(*_columns(grads, targets, grads, workspace.like(grads), scale)):
+            target.add_(torch.sign(g, out=tmp), alpha=c)
+        return state
+
+    return stateless(lambda updates, params: tree_map(torch.sign, updates), apply_=apply_)
 
 
 class ScaleByLionState(NamedTuple):
@@ -263,7 +326,14 @@ def scale_by_lion(b1: Scalar = 0.9, b2: Scalar = 0.99) -> GradientTransformation
         mu = tree_map(lambda g, m: _ema(m, g, b2), grads, state.mu)
         return updates, ScaleByLionState(mu=mu)
 
-    return GradientTransformation(init, update)
+    def apply_(targets, grads, state, params=None, *, loss=None, scale, workspace):
+        del params, loss
+        for target, g, m, tmp, c in zip(*_columns(grads, targets, grads, state.mu, workspace.like(grads), scale)):
+            target.add_(torch.lerp(m, g, 1.0 - b1, out=tmp).sign_(), alpha=c)
+            m.lerp_(g, 1.0 - b2)
+        return state
+
+    return _with_kernel(init, update, apply_, b1, b2)
 
 
 def maybe(condition: bool, transform: Callable[[], GradientTransformation]) -> GradientTransformation:

@@ -46,8 +46,10 @@ from hypernets.cnn import FunctionalCNN, Params
 from hypernets.hypertransformer import WeightGenerator
 from metaopt.checks import one_of, positive_int
 from metaopt.episodes import Episode
-from metaopt.learners.base import Learner
+from metaopt.learners.base import Example, Learner
 from metaopt.learners.protonet import prototype_logits
+from metaopt.tasks.images.few_shot import FewShotImages
+from metaopt.tasks.images.glyphs import Glyphs
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +121,13 @@ class ContinualHyperTransformer(Learner):
 
     kinds = ("classification",)
     implicit = True
+
+    @classmethod
+    def example(cls) -> Example:
+        family = FewShotImages(Glyphs((8, 4, 4), size=16, samples_per_class=4), ways=4, shots=1, queries=1,
+                               rotations=False)
+        return Example(cls(2, 4, embedding_dim=8, image_size=16, label_dim=4, image_dim=8, activation_dim=4,
+                           embedder_channels=4), family)
 
     def __init__(self, ways: int = 5, widths: int | Sequence[int] = 8, *, embedding_dim: int = 32,
                  scenario: str = "class_incremental", shots: int = 1, feedback: bool = True, in_channels: int = 1,

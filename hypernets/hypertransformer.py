@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from hypernets.cnn import NUM_CONV, FunctionalCNN, LayerSpec, Params, fold, folded_conv, unfold
 from metaopt.checks import one_of, positive_int
 from metaopt.episodes import Episode
-from metaopt.learners.base import Learner
+from metaopt.learners.base import Example, Learner
+from metaopt.tasks.images.few_shot import FewShotImages
 
 GENERATE = ("all", "logits")
 
@@ -304,6 +305,11 @@ class HyperTransformer(Learner):
 
     kinds = ("classification",)
     implicit = True  # the weights are written by a forward pass, not fitted by an optimiser
+
+    @classmethod
+    def example(cls) -> Example:
+        return Example(cls(2, 4, image_size=16, label_dim=4, image_dim=8, activation_dim=4, embedder_channels=4),
+                       FewShotImages.example())
 
     def __init__(self, num_classes: int = 5, widths: int | Sequence[int] = 8, *, in_channels: int = 1,
                  image_size: int = 28, generate: str = "all", n_layer: int = 1, n_head: int = 2,

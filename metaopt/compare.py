@@ -59,6 +59,7 @@ class Comparison:
     similarity: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     claims: list[Claim] = field(default_factory=list)
     analysis: dict[str, dict[str, dict]] = field(default_factory=dict)
+    analysis_skipped: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,7 +118,8 @@ def compare(
     The episodes come from a generator seeded with ``seed`` (independent of training), so two calls
     with the same seed compare on identical tasks. ``analysis`` names implicit-vs-explicit analyses
     to run on the same episodes (``metaopt.analysis.suite``: e.g. ``["sensitivity", "spd_ilwd",
-    {"name": "best_gd", "steps": [1, 2]}]``); their results go to ``Comparison.analysis``.
+    {"name": "best_gd", "steps": [1, 2]}]``); their results go to ``Comparison.analysis``, and why a
+    learner was left out of one (it lacks a capability the analysis needs) to ``analysis_skipped``.
     """
     analyses = parse_analyses(analysis)
     support_sizes = sorted({int(k) for k in support_sizes})
@@ -147,7 +149,8 @@ def compare(
                 similarity[f"{a} vs {b}"] = {key: value.tolist() for key, value in sim.items()}
     comparison = Comparison(metric.name, metric.lower_is_better, support_sizes, num_tasks, curves, similarity)
     comparison.claims = [check_claim(comparison, claim) for claim in claims]
-    comparison.analysis = run_analyses(analyses, learners, episode, support_sizes, seed=seed + 2)
+    analysed = run_analyses(analyses, learners, episode, support_sizes, seed=seed + 2)
+    comparison.analysis, comparison.analysis_skipped = analysed.results, analysed.skipped
     return comparison
 
 
@@ -201,7 +204,7 @@ def format_table(comparison: Comparison) -> str:
             pair: [f"{sim['cosine'][i]:.3f}/{sim['mean_abs_diff'][i]:.3g}" for i in index]
             for pair, sim in comparison.similarity.items()
         }, headers)
-    lines += format_analysis(comparison.analysis, columns)
+    lines += format_analysis(comparison.analysis, columns, comparison.analysis_skipped)
     if comparison.claims:
         lines += ["", "claims (paper vs measured)"]
         for claim in comparison.claims:

@@ -27,7 +27,16 @@ from metaopt.analysis import (
 )
 from metaopt.compare import compare, format_table, plot_similarity
 from metaopt.episodes import Episode
-from metaopt.learners import GradientDescent, LeastSquares, Learner, LinearSelfAttention, Ridge, Transformer
+from metaopt.learners import (
+    Capability,
+    DecisionTreeBaseline,
+    GradientDescent,
+    LeastSquares,
+    Learner,
+    LinearSelfAttention,
+    Ridge,
+    Transformer,
+)
 from metaopt.tasks import LinearRegression
 
 SIZES = [0, 1, 3, 6, 10]
@@ -269,3 +278,47 @@ def test_compare_with_analysis_writes_the_new_fields_and_serialises(tmp_path):
     plain = compare({"gd": GradientDescent(1, 0.3)}, LinearRegression(3), support_sizes=[2], num_tasks=8,
                     bootstrap=10, progress=False)
     assert plain.analysis == {} and plot_similarity(plain) is None
+
+
+class OneStep(Learner):
+    """An in-context learner written from scratch (no metaopt learner class above it): one GD step from
+    w = 0 with a meta-learned step size, ``w = lr · Xᵀy / k``, which is its own exact GD construction."""
+
+    implicit = True
+    capabilities = Learner.capabilities | {Capability.GD_CONSTRUCTION}
+    gd_steps = 1
+
+    def __init__(self, lr: float) -> None:
+        super().__init__()
+        self.lr = torch.nn.Parameter(torch.tensor(float(lr)))
+
+    def forward(self, episode: Episode) -> torch.Tensor:
+        xs, ys, xq = episode.x_support.flatten(2), episode.y_support.flatten(2), episode.x_query.flatten(2)
+        return xq @ (self.lr * xs.transpose(1, 2) @ ys / max(episode.num_support, 1))
+
+    def gd_construction(self, lr: float) -> "OneStep":
+        return OneStep(lr).to(self.lr)
+
+
+class Undeclared(OneStep):
+    """The same function without the capability: the analyses that need it leave it out."""
+
+    capabilities = Learner.capabilities
+
+
+def test_a_new_learner_gets_the_analyses_its_capabilities_qualify_it_for():
+    learners = {"mine": OneStep(0.25), "undeclared": Undeclared(0.25), "gd": GradientDescent(1, 0.3),
+                "tree": DecisionTreeBaseline()}
+    result = compare(learners, LinearRegression(3), support_sizes=[0, 2, 6], num_tasks=16, query=2, bootstrap=10,
+                     progress=False, analysis=["sensitivity", "interpolation"])
+    a, skipped = result.analysis, result.analysis_skipped
+    assert set(a["interpolation"]) == {"mine"}
+    assert a["interpolation"]["mine"]["lr"] == pytest.approx(0.25, rel=1e-4) and a["interpolation"]["mine"]["steps"] == 1
+    assert a["interpolation"]["mine"]["loss"] == pytest.approx([a["interpolation"]["mine"]["loss"][0]] * 3, rel=1e-5)
+    assert "gd_construction" in skipped["interpolation"]["undeclared"] and "tree" not in skipped["interpolation"]
+    # both new learners are differentiable in x_query; the scikit-learn tree is not, and is left out, not tried
+    assert set(a["sensitivity"]) == {"mine vs gd", "undeclared vs gd"}
+    assert a["sensitivity"]["mine vs gd"]["cosine"] == pytest.approx([1, 1, 1], abs=1e-5)
+    assert set(skipped["sensitivity"]) == {"tree"} and "query_gradients" in skipped["sensitivity"]["tree"]
+    assert "interpolation left out undeclared" in format_table(result)
+    json.dumps(result.to_dict())

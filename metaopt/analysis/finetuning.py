@@ -53,6 +53,7 @@ from metaopt.analysis.sensitivity import quiet_batching_fallback
 from metaopt.episodes import Episode
 from metaopt.kinds import EpisodeKind
 from metaopt.learners.attention import CausalSelfAttention
+from metaopt.learners.capabilities import Capability, provides
 from metaopt.learners.transformer import Transformer
 
 
@@ -99,8 +100,10 @@ def dual_form_linear_attention(
 # ---------------------------------------------------------------------- finetuning W_K, W_V
 def _attentions(model: Transformer) -> list[nn.Module]:
     """Each block's attention, refusing blocks whose attention is not softmax (or momentum) attention."""
-    if not isinstance(model, Transformer):
-        raise ValueError(f"the dual-form analysis needs a metaopt.learners.Transformer; got {type(model).__name__}")
+    if not provides(model, Capability.ATTENTION_DUAL_FORM):
+        raise ValueError(f"the dual-form analysis needs a learner with {Capability.ATTENTION_DUAL_FORM.description} "
+                         f"(capability 'attention_dual_form', e.g. metaopt.learners.Transformer); got "
+                         f"{type(model).__name__}")
     attentions = [block.attn for block in model.blocks]
     if not all(isinstance(a, CausalSelfAttention) for a in attentions):
         raise ValueError("the dual-form analysis needs softmax (or momentum) attention in every block; got "

@@ -23,6 +23,7 @@ from torch.func import functional_call
 
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
+from metaopt.learners.capabilities import Capability, provides
 from metaopt.learners.incontext.linear_attention import LinearSelfAttention
 
 
@@ -82,17 +83,12 @@ def interpolation_losses(
 def gd_construction(learner: Learner, lr: float, steps: int) -> Learner | None:
     """The exact ``steps``-step GD construction in ``learner``'s architecture, or None where there is none.
 
-    Only ``LinearSelfAttention`` with ``layers == steps`` has one (``LinearSelfAttention.from_gd``, same
-    heads and parameterisation); it is built on the learner's device and dtype.
+    Learners that declare ``Capability.GD_CONSTRUCTION`` have one for ``steps == learner.gd_steps``
+    (``LinearSelfAttention``: ``from_gd`` with its layers, heads and parameterisation), on their device and dtype.
     """
-    if not isinstance(learner, LinearSelfAttention) or learner.layers != steps:
+    if not provides(learner, Capability.GD_CONSTRUCTION) or learner.gd_steps != steps:
         return None
-    construction = type(learner).from_gd(
-        learner.x_dim, lr, y_dim=learner.y_dim, layers=learner.layers, heads=learner.heads,
-        parameterization=learner.parameterization,
-    )
-    reference = next(learner.parameters())
-    return construction.to(device=reference.device, dtype=reference.dtype)
+    return learner.gd_construction(lr)
 
 
 @torch.no_grad()

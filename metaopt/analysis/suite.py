@@ -6,15 +6,20 @@ A recipe asks for analyses by name, or by a mapping with a ``name`` and options:
       analysis: [sensitivity, spd_ilwd, {name: best_gd, steps: [1, 2, 3]}, interpolation]
 
 Each runs on the first ``num_tasks`` tasks of the comparison's held-out episodes (the same tasks every
-learner saw) and writes plain dicts and lists (JSON-ready) under its name:
+learner saw) and writes plain dicts and lists (JSON-ready) under its name. Each analysis declares
+what it needs of a learner (``metaopt.learners.capabilities``) and runs on every learner that
+provides it, whatever its class; a learner that lacks a capability is left out, with the reason
+recorded in ``AnalysisResults.skipped``:
 
-- ``sensitivity`` (per pair "A vs B" of an in-context A and an explicit B): ``SensitivitySimilarity``;
+- ``sensitivity`` (per pair "A vs B" of an in-context A and an explicit B, both ``QUERY_GRADIENTS``):
+  ``SensitivitySimilarity``;
 - ``spd_ilwd`` (per pair): ``ProbeDifference``;
 - ``best_gd`` (per in-context learner): ``BestGD``;
-- ``interpolation`` (per in-context learner with a GD construction, i.e. ``LinearSelfAttention``): the
-  best-matching lr* for ``steps = layers`` and ``Interpolation`` toward ``from_gd(lr*)`` at the largest k,
-  after ``align_scales`` (a function-preserving rescaling of each head, see ``interpolation``);
-- ``dual_form`` (per causal ``Transformer``): Dai et al.'s ICL-vs-finetuning report, ``DualFormReport``.
+- ``interpolation`` (per in-context learner with ``GD_CONSTRUCTION``, e.g. ``LinearSelfAttention``): the
+  best-matching lr* for ``steps = gd_steps`` and ``Interpolation`` toward ``gd_construction(lr*)`` at the
+  largest k, after ``align_scales`` (a function-preserving rescaling of each head, see ``interpolation``);
+- ``dual_form`` (per in-context learner with ``ATTENTION_DUAL_FORM``, e.g. a causal ``Transformer``): Dai
+  et al.'s ICL-vs-finetuning report, ``DualFormReport``.
 """
 
 from __future__ import annotations
@@ -33,10 +38,11 @@ from metaopt.analysis.probes import probe_difference, probe_inputs, probe_predic
 from metaopt.analysis.sensitivity import sensitivity_similarity
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
-from metaopt.learners.transformer import Transformer
+from metaopt.learners.capabilities import Capability, missing
 
 logger = logging.getLogger(__name__)
 Learners = Mapping[str, Learner]
+Entries = dict[str, "dict | str"]  # a runner's result per pair or learner, or the reason it has none
 
 
 @dataclass(frozen=True)
@@ -47,69 +53,27 @@ class AnalysisSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-# Each analysis's options and their defaults; ``num_tasks`` caps the tasks it uses.
-OPTIONS: dict[str, dict[str, Any]] = {
-    "sensitivity": {"num_tasks": 256},
-    "spd_ilwd": {"num_tasks": 256, "num_probes": None},
-    "best_gd": {"num_tasks": 256, "num_probes": None, "steps": [1], "lr_range": [1e-3, 1e2]},
-    "interpolation": {"num_tasks": 256, "num_probes": None, "alphas": [0.0, 0.5, 1.0]},
-    "dual_form": {"num_tasks": 32, "demonstrations": None, "shared": 1, "lr": 0.1, "threshold": None},
-}
-ANALYSES: tuple[str, ...] = tuple(OPTIONS)
+@dataclass
+class AnalysisResults:
+    """What ``run_analyses`` produced: ``results[analysis][pair or learner]`` (JSON-ready dicts) and
+    ``skipped[analysis][pair or learner]``, why a learner that could have taken part did not."""
+
+    results: dict[str, dict[str, dict]] = field(default_factory=dict)
+    skipped: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
-def parse_analyses(specs: Sequence[str | Mapping[str, Any]]) -> list[AnalysisSpec]:
-    """Analysis specs from names or ``{name: ..., option: value}`` mappings, options checked and defaulted.
-
-    Raises:
-        ValueError: on an unknown analysis name or option, or a repeated analysis.
-    """
-    parsed: list[AnalysisSpec] = []
-    for spec in specs:
-        entry = {"name": spec} if isinstance(spec, str) else dict(spec)
-        name = entry.pop("name", None)
-        if name not in OPTIONS:
-            raise ValueError(f"compare analysis: unknown analysis {name!r}; expected one of {list(ANALYSES)}")
-        unknown = sorted(set(entry) - set(OPTIONS[name]))
-        if unknown:
-            raise ValueError(f"compare analysis {name!r}: unknown option(s) {unknown}; expected some of "
-                             f"{sorted(OPTIONS[name])}")
-        if any(p.name == name for p in parsed):
-            raise ValueError(f"compare analysis: {name!r} is requested twice; give it once with all its options")
-        parsed.append(AnalysisSpec(name, OPTIONS[name] | entry))
-    return parsed
-
-
-def _pairs(learners: Mapping[str, Learner]) -> list[tuple[str, str]]:
+def _pairs(learners: Learners) -> list[tuple[str, str]]:
     """Every (in-context A, explicit B) pair, in the order ``compare`` reports prediction similarity."""
     return [(a, b) for a in learners for b in learners if learners[a].implicit and not learners[b].implicit]
 
 
-def _guarded(what: str, compute: Callable[[], Any]) -> dict | None:
-    """``asdict(compute())``, or None with a warning where a learner cannot take part (e.g. not differentiable)."""
+def _guarded(what: str, compute: Callable[[], Any]) -> dict | str:
+    """``asdict(compute())``, or the error's message where a learner cannot take part after all."""
     try:
         return asdict(compute())
     except (RuntimeError, TypeError, NotImplementedError) as error:
         logger.warning("analysis %s skipped: %s", what, error)
-        return None
-
-
-def run_analyses(
-    specs: Sequence[AnalysisSpec],
-    learners: Mapping[str, Learner],
-    episode: Episode,
-    support_sizes: Sequence[int],
-    *,
-    seed: int = 0,
-) -> dict[str, dict[str, dict]]:
-    """Run every requested analysis; ``{analysis: {pair or learner: result dict}}``."""
-    sizes = [int(k) for k in support_sizes]
-    results: dict[str, dict[str, dict]] = {}
-    for spec in specs:
-        options = dict(spec.options)
-        tasks = episode.select_tasks(slice(0, options.pop("num_tasks")))
-        results[spec.name] = _RUNNERS[spec.name](learners, tasks, sizes, seed, **options)
-    return results
+        return f"failed: {error}"
 
 
 def _probes(episode: Episode, num_probes: int | None, seed: int) -> torch.Tensor:
@@ -123,18 +87,21 @@ def _check_regression(name: str, episode: Episode) -> None:
                          f"got {episode.kind!r} episodes")
 
 
-def _sensitivity(learners: Learners, episode: Episode, sizes: list[int], seed: int) -> dict:
+def _check_real_valued(name: str, episode: Episode) -> None:
+    if not episode.y_query.is_floating_point():
+        raise ValueError(f"compare analysis {name!r} needs real-valued predictions; got kind={episode.kind!r}")
+
+
+def _sensitivity(learners: Learners, episode: Episode, sizes: list[int], seed: int) -> Entries:
     del seed
-    if not episode.y_query.is_floating_point():
-        raise ValueError(f"compare analysis 'sensitivity' needs real-valued predictions; got kind={episode.kind!r}")
-    return {f"{a} vs {b}": result for a, b in _pairs(learners)
-            if (result := _guarded(f"sensitivity {a} vs {b}",
-                                   lambda: sensitivity_similarity(learners[a], learners[b], episode, sizes)))}
+    _check_real_valued("sensitivity", episode)
+    return {f"{a} vs {b}": _guarded(f"sensitivity {a} vs {b}",
+                                    lambda: sensitivity_similarity(learners[a], learners[b], episode, sizes))
+            for a, b in _pairs(learners)}
 
 
-def _spd_ilwd(learners: Learners, episode: Episode, sizes: list[int], seed: int, num_probes: int | None) -> dict:
-    if not episode.y_query.is_floating_point():
-        raise ValueError(f"compare analysis 'spd_ilwd' needs real-valued predictions; got kind={episode.kind!r}")
+def _spd_ilwd(learners: Learners, episode: Episode, sizes: list[int], seed: int, num_probes: int | None) -> Entries:
+    _check_real_valued("spd_ilwd", episode)
     probes = _probes(episode, num_probes, seed)
     predictions = {name: probe_predictions(learner, episode, probes, sizes) for name, learner in learners.items()}
     return {f"{a} vs {b}": asdict(probe_difference(predictions[a], predictions[b], probes, sizes))
@@ -144,24 +111,22 @@ def _spd_ilwd(learners: Learners, episode: Episode, sizes: list[int], seed: int,
 def _best_gd(
     learners: Learners, episode: Episode, sizes: list[int], seed: int, num_probes: int | None, steps: list[int],
     lr_range: list[float],
-) -> dict:
+) -> Entries:
     _check_regression("best_gd", episode)
     probes = _probes(episode, num_probes, seed)
     return {name: asdict(best_gd(probe_predictions(learner, episode, probes, sizes), episode, probes, sizes,
                                  steps=steps, lr_range=tuple(lr_range)))
-            for name, learner in learners.items() if learner.implicit}
+            for name, learner in learners.items()}
 
 
 def _interpolation(
     learners: Learners, episode: Episode, sizes: list[int], seed: int, num_probes: int | None, alphas: list[float]
-) -> dict:
+) -> Entries:
     _check_regression("interpolation", episode)
     probes = _probes(episode, num_probes, seed)
-    results = {}
+    results: Entries = {}
     for name, learner in learners.items():
-        steps = getattr(learner, "layers", None)
-        if not learner.implicit or gd_construction(learner, 1.0, steps) is None:
-            continue
+        steps = learner.gd_steps
         match = best_gd(probe_predictions(learner, episode, probes, sizes), episode, probes, sizes, steps=[steps])
         construction = gd_construction(learner, match.lr, steps)
         curve = interpolation_losses(align_scales(learner, construction), construction,
@@ -173,20 +138,106 @@ def _interpolation(
 def _dual_form(
     learners: Learners, episode: Episode, sizes: list[int], seed: int, demonstrations: int | None, shared: int,
     lr: float, threshold: float | None,
-) -> dict:
+) -> Entries:
     del sizes
     return {name: asdict(icl_vs_finetuning(learner, episode, demonstrations=demonstrations, shared=shared, lr=lr,
                                            threshold=threshold, seed=seed))
-            for name, learner in learners.items() if isinstance(learner, Transformer)}
+            for name, learner in learners.items()}
 
 
-_RUNNERS: dict[str, Callable[..., dict]] = {
-    "sensitivity": _sensitivity,
-    "spd_ilwd": _spd_ilwd,
-    "best_gd": _best_gd,
-    "interpolation": _interpolation,
-    "dual_form": _dual_form,
+@dataclass(frozen=True)
+class Analysis:
+    """An analysis: its options (with defaults; ``num_tasks`` caps the tasks it uses), what it needs of a
+    learner, and its runner ``run(learners, episode, support_sizes, seed, **options) -> Entries``.
+
+    With ``pairs`` it compares each in-context learner A with each explicit learner B ("A vs B") and both
+    need ``needs``; otherwise it studies each in-context learner that has ``needs`` on its own.
+    """
+
+    options: Mapping[str, Any]
+    run: Callable[..., Entries]
+    needs: frozenset[Capability] = frozenset()
+    pairs: bool = False
+
+
+REGISTRY: dict[str, Analysis] = {
+    "sensitivity": Analysis({"num_tasks": 256}, _sensitivity, frozenset({Capability.QUERY_GRADIENTS}), pairs=True),
+    "spd_ilwd": Analysis({"num_tasks": 256, "num_probes": None}, _spd_ilwd, pairs=True),
+    "best_gd": Analysis({"num_tasks": 256, "num_probes": None, "steps": [1], "lr_range": [1e-3, 1e2]}, _best_gd),
+    "interpolation": Analysis({"num_tasks": 256, "num_probes": None, "alphas": [0.0, 0.5, 1.0]}, _interpolation,
+                              frozenset({Capability.GD_CONSTRUCTION})),
+    "dual_form": Analysis({"num_tasks": 32, "demonstrations": None, "shared": 1, "lr": 0.1, "threshold": None},
+                          _dual_form, frozenset({Capability.ATTENTION_DUAL_FORM})),
 }
+ANALYSES: tuple[str, ...] = tuple(REGISTRY)
+
+
+def parse_analyses(specs: Sequence[str | Mapping[str, Any]]) -> list[AnalysisSpec]:
+    """Analysis specs from names or ``{name: ..., option: value}`` mappings, options checked and defaulted.
+
+    Raises:
+        ValueError: on an unknown analysis name or option, or a repeated analysis.
+    """
+    parsed: list[AnalysisSpec] = []
+    for spec in specs:
+        entry = {"name": spec} if isinstance(spec, str) else dict(spec)
+        name = entry.pop("name", None)
+        if name not in REGISTRY:
+            raise ValueError(f"compare analysis: unknown analysis {name!r}; expected one of {list(ANALYSES)}")
+        options = REGISTRY[name].options
+        unknown = sorted(set(entry) - set(options))
+        if unknown:
+            raise ValueError(f"compare analysis {name!r}: unknown option(s) {unknown}; expected some of "
+                             f"{sorted(options)}")
+        if any(p.name == name for p in parsed):
+            raise ValueError(f"compare analysis: {name!r} is requested twice; give it once with all its options")
+        parsed.append(AnalysisSpec(name, dict(options) | entry))
+    return parsed
+
+
+def qualifying(analysis: Analysis, learners: Learners) -> tuple[dict[str, Learner], dict[str, str]]:
+    """The learners ``analysis`` runs on, and why each other candidate is left out (``{name: reason}``).
+
+    Candidates are the in-context learners, and for a pair analysis the explicit ones too; a candidate
+    qualifies when it declares every capability in ``analysis.needs``.
+    """
+    chosen: dict[str, Learner] = {}
+    skipped: dict[str, str] = {}
+    for name, learner in learners.items():
+        if not (analysis.pairs or learner.implicit):
+            continue
+        lacking = missing(learner, analysis.needs)
+        if lacking:
+            skipped[name] = "needs " + "; ".join(f"{c.description} (capability {c.value!r})" for c in lacking)
+        else:
+            chosen[name] = learner
+    return chosen, skipped
+
+
+def run_analyses(
+    specs: Sequence[AnalysisSpec],
+    learners: Learners,
+    episode: Episode,
+    support_sizes: Sequence[int],
+    *,
+    seed: int = 0,
+) -> AnalysisResults:
+    """Run every requested analysis on the learners that qualify for it (``qualifying``)."""
+    sizes = [int(k) for k in support_sizes]
+    ran = AnalysisResults()
+    for spec in specs:
+        analysis = REGISTRY[spec.name]
+        options = dict(spec.options)
+        tasks = episode.select_tasks(slice(0, options.pop("num_tasks")))
+        chosen, skipped = qualifying(analysis, learners)
+        for name, reason in skipped.items():
+            logger.info("analysis %s skips %s: it %s", spec.name, name, reason)
+        entries = analysis.run(chosen, tasks, sizes, seed, **options)
+        ran.results[spec.name] = {key: value for key, value in entries.items() if isinstance(value, dict)}
+        skipped |= {key: value for key, value in entries.items() if isinstance(value, str)}
+        if skipped:
+            ran.skipped[spec.name] = skipped
+    return ran
 
 
 # ---------------------------------------------------------------------- reporting
@@ -204,8 +255,12 @@ def _per_k_table(title: str, results: Mapping[str, dict], columns: Sequence[int]
     return lines
 
 
-def format_analysis(analysis: Mapping[str, Mapping[str, dict]], columns: Sequence[int]) -> list[str]:
-    """Plain-text lines reporting every analysis that produced results, at support sizes ``columns``."""
+def format_analysis(
+    analysis: Mapping[str, Mapping[str, dict]], columns: Sequence[int],
+    skipped: Mapping[str, Mapping[str, str]] | None = None,
+) -> list[str]:
+    """Plain-text lines reporting every analysis that produced results, at support sizes ``columns``,
+    then the learners each analysis left out and why (``AnalysisResults.skipped``)."""
     lines: list[str] = []
     if analysis.get("sensitivity"):
         lines += _per_k_table("query sensitivity ∂ŷ/∂x_q (von Oswald et al.): cosine / L2 distance",
@@ -230,6 +285,10 @@ def format_analysis(analysis: Mapping[str, Mapping[str, dict]], columns: Sequenc
         for name, r in analysis["dual_form"].items():
             lines += [f"{name} ({r['num_tasks']} tasks, {r['demonstrations']} demonstrations):"]
             lines += [f"  {line}" for line in _dual_form_lines(r)]
+    if skipped:
+        lines.append("")
+        lines += [f"{name} left out {entry}: {reason}" for name, reasons in skipped.items()
+                  for entry, reason in reasons.items()]
     return lines
 
 

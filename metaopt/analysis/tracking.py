@@ -9,8 +9,22 @@ from matplotlib.figure import Figure
 
 from metaopt.analysis.sensitivity import sensitivity_similarity
 from metaopt.learners.base import Learner
+from metaopt.learners.capabilities import Capability, provides
 
 PREFIX = "sensitivity_cosine/"
+
+
+def sensitivity_references(learner: Learner, learners: Mapping[str, Learner]) -> dict[str, Learner]:
+    """The learners to track ``learner``'s sensitivity cosine against while it trains.
+
+    Every explicit learner without meta-parameters (its algorithm does not move during training), when
+    both it and ``learner`` are differentiable in x_query (``Capability.QUERY_GRADIENTS``); none unless
+    ``learner`` is an in-context learner.
+    """
+    if not (learner.implicit and provides(learner, Capability.QUERY_GRADIENTS)):
+        return {}
+    return {name: other for name, other in learners.items()
+            if not other.implicit and not other.is_trainable and provides(other, Capability.QUERY_GRADIENTS)}
 
 
 def sensitivity_tracker(references: Mapping[str, Learner], num_tasks: int = 64):

@@ -1,6 +1,6 @@
 """Learners: every one maps an Episode to predictions on its queries."""
 
-from metaopt.learners.base import Learner
+from metaopt.learners.base import Example, Learner
 from metaopt.learners.boolean_baselines import (
     BooleanAveraging,
     BooleanMLP,
@@ -9,6 +9,7 @@ from metaopt.learners.boolean_baselines import (
     GF2Elimination,
     Null,
 )
+from metaopt.learners.capabilities import Capability, provides
 from metaopt.learners.incontext import (
     HyenaLearner,
     LinearSelfAttention,
@@ -28,7 +29,8 @@ from metaopt.learners.solvers import GradientDescent, LeastSquares, LinearSolver
 from metaopt.learners.transformer import Transformer
 from metaopt.learners.tuned_gd import GDPlusPlus, TunedGDPlusPlus, TunedGradientDescent
 
-__all__ = ["Learner", "LinearSolver", "LeastSquares", "Ridge", "GradientDescent", "Transformer",
+__all__ = ["Learner", "Example", "Capability", "provides",
+           "LinearSolver", "LeastSquares", "Ridge", "GradientDescent", "Transformer",
            "Lasso", "Averaging", "NearestNeighbours", "DecisionTreeBaseline", "GradientBoostingBaseline",
            "MLPBaseline", "TunedRidge", "AdaptiveRidge", "TunedAdaptiveRidge", "OracleRidge",
            "Null", "BooleanAveraging", "BooleanNearestNeighbours", "Elimination", "GF2Elimination", "BooleanMLP",

@@ -2,24 +2,48 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+from typing import TYPE_CHECKING, ClassVar, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
 from metaopt.episodes import Episode
+from metaopt.learners.capabilities import Capability
+
+if TYPE_CHECKING:
+    from metaopt.tasks.base import TaskFamily
+
+
+class Example(NamedTuple):
+    """A small learner and the task family to run it on (``Learner.example``)."""
+
+    learner: Learner
+    family: TaskFamily | None = None
 
 
 class Learner(nn.Module):
     """Maps an Episode to predictions ``[T, Q, ...]`` on its queries.
 
     Its ``nn.Parameter``s are its meta-parameters; a learner without any is evaluated, never trained.
-    Subclasses set ``kinds`` (the episode kinds they apply to) and ``implicit`` (True for in-context
-    learners, whose optimisation happens inside a forward pass; False for explicit optimisers/solvers).
+    Subclasses set ``kinds`` (names of the episode kinds they apply to, see ``metaopt.kinds``) and
+    ``implicit`` (True for in-context learners, whose optimisation happens inside a forward pass; False
+    for explicit optimisers/solvers). The task loss comes from the episode's kind. ``capabilities``
+    lists what it offers the analyses (``metaopt.learners.capabilities``).
     """
 
     kinds: ClassVar[tuple[str, ...]] = ("regression",)
     implicit: ClassVar[bool] = False
+
+    capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.QUERY_GRADIENTS})
+
+    @classmethod
+    def example(cls) -> Example:
+        """A small instance and a family to run it on (None: a family of any of its ``kinds``).
+
+        The contract tests run every exported learner through its example, so a class whose
+        constructor needs arguments overrides this with small ones; the default is ``cls()``.
+        """
+        return Example(cls())
 
     def forward(self, episode: Episode) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

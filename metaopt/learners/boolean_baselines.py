@@ -128,7 +128,7 @@ class Elimination(BooleanBaseline):
             positive = (true_literal | ~literals[:, None]).all(-1).all(-1)
         else:
             positive = (true_literal & literals[:, None]).any(-1).any(-1)
-        return probability_to_logit(positive.float())
+        return probability_to_logit(positive.to(xq.dtype))
 
     def extra_repr(self) -> str:
         return f"target={self.target!r}"
@@ -184,8 +184,8 @@ class GF2Elimination(BooleanBaseline):
         return gf2_solve(xs > 0, ys > 0.5)[0]
 
     def predict(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
-        subset = self.fit(xs, ys).float()
-        ones = torch.einsum("tqd,td->tq", (xq > 0).float(), subset)
+        subset = self.fit(xs, ys).to(xq.dtype)
+        ones = torch.einsum("tqd,td->tq", (xq > 0).to(xq.dtype), subset)
         return probability_to_logit(ones.remainder(2))
 
 

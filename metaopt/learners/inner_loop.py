@@ -55,9 +55,10 @@ from torch.func import functional_call, grad_and_value, vmap
 from metaopt.checks import non_negative_int, one_of, optional
 from metaopt.episodes import Episode
 from metaopt.kinds import EpisodeKind
-from metaopt.learners.base import Learner
+from metaopt.learners.base import Example, Learner
 from metaopt.learners.task_folding import foldable, folded_call
-from optimizers import FunctionalOptimizer, GradientTransformation, Params, apply_updates
+from metaopt.tasks.regression import LinearRegression
+from optimizers import FunctionalOptimizer, GradientTransformation, Params, apply_updates, sgd
 
 INITS = ("zero", "random", "meta")
 BACKENDS = ("func", "higher")
@@ -107,6 +108,12 @@ class InnerLoop(Learner):
 
     kinds = ("regression", "binary", "classification")
     implicit = False
+    capabilities = frozenset()  # the inner loop runs autograd itself, which torch.func cannot differentiate
+
+    @classmethod
+    def example(cls) -> Example:
+        return Example(cls(nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1)), sgd(0.1), 1),
+                       LinearRegression(dim=3))
 
     def __init__(
         self,

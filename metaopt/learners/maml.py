@@ -24,7 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from metaopt.checks import positive_float
+from metaopt.learners.base import Example
 from metaopt.learners.inner_loop import InnerLoop
+from metaopt.tasks.regression import LinearRegression
 from optimizers import EmptyState, GradientTransformation, Params, sgd
 
 NETWORKS = ("mlp", "conv4")
@@ -114,6 +116,12 @@ class PerParameterStepSizes(nn.Module):
         return GradientTransformation(init, update)
 
 
+def _example(cls: type[InnerLoop]) -> Example:
+    """One inner step on a small MLP for 3-dimensional linear regression (``Learner.example``)."""
+    return Example(cls({"kind": "mlp", "in_features": 3, "hidden": [8], "out_features": 1}, steps=1),
+                   LinearRegression(dim=3))
+
+
 class MAML(InnerLoop):
     """MAML (Finn et al. 2017): meta-learned initialisation, ``steps`` SGD steps of size ``inner_lr`` per task.
 
@@ -122,6 +130,8 @@ class MAML(InnerLoop):
         steps, inner_lr: the inner loop (Finn et al.: 1 step of 0.01 for sinusoids during meta-training).
         first_order, truncate, backend, strategy: as in :class:`InnerLoop`.
     """
+
+    example = classmethod(_example)
 
     def __init__(self, network: NetworkSpec, steps: int = 5, inner_lr: float = 0.01, *, first_order: bool = False,
                  truncate: int | None = None, backend: str = "func", strategy: str = "auto") -> None:
@@ -140,6 +150,8 @@ class FOMAML(MAML):
 class MetaSGD(InnerLoop):
     """Meta-SGD (Li et al. 2017): meta-learned initialisation and per-entry step sizes (initialised to ``inner_lr``)."""
 
+    example = classmethod(_example)
+
     def __init__(self, network: NetworkSpec, steps: int = 1, inner_lr: float = 0.01, *, first_order: bool = False,
                  truncate: int | None = None, backend: str = "func", strategy: str = "auto") -> None:
         model = build_network(network)
@@ -154,6 +166,8 @@ class ANIL(InnerLoop):
     The body's parameters are meta-learned and shared by every task; the head's initialisation is meta-learned.
     """
 
+    example = classmethod(_example)
+
     def __init__(self, network: NetworkSpec, steps: int = 5, inner_lr: float = 0.01, *, head: str | None = None,
                  first_order: bool = False, backend: str = "func", strategy: str = "auto") -> None:
         model = build_network(network)
@@ -163,6 +177,8 @@ class ANIL(InnerLoop):
 
 class FixedInitGD(InnerLoop):
     """``steps`` of SGD from a fixed ``"zero"`` or ``"random"`` initialisation: nothing is meta-learned."""
+
+    example = classmethod(_example)
 
     def __init__(self, network: NetworkSpec, steps: int = 5, inner_lr: float = 0.01, *, init: str = "zero",
                  strategy: str = "auto") -> None:

@@ -15,7 +15,7 @@ import torch
 
 from metaopt.checks import positive_float, positive_int
 from metaopt.episodes import Episode
-from metaopt.learners.base import Learner
+from metaopt.learners.base import Example, Learner
 from optimizers import adam, apply_updates
 
 Params = dict[str, torch.Tensor]
@@ -36,6 +36,11 @@ class MLPBaseline(Learner):
     """
 
     kinds = ("regression",)
+    capabilities = frozenset()  # its forward pass runs autograd itself, which torch.func cannot differentiate
+
+    @classmethod
+    def example(cls) -> Example:
+        return Example(cls(hidden=8, steps=5))
 
     def __init__(self, hidden: int = 100, steps: int = 500, lr: float = 5e-3, seed: int = 0) -> None:
         super().__init__()
@@ -53,7 +58,7 @@ class MLPBaseline(Learner):
         }
         params = {}
         for name, (shape, fan_in) in shapes.items():
-            uniform = torch.rand((num_tasks, *shape), generator=generator, dtype=like.dtype)
+            uniform = torch.rand((num_tasks, *shape), generator=generator).to(like.dtype)  # same draws in any dtype
             params[name] = ((2 * uniform - 1) / math.sqrt(fan_in)).to(like.device)
         return params
 

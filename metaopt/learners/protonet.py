@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metaopt.episodes import Episode
-from metaopt.learners.base import Learner
+from metaopt.learners.base import Example, Learner
 from metaopt.learners.maml import NetworkSpec, build_network
+from metaopt.tasks.images.few_shot import FewShotImages
 
 
 def prototype_logits(support: Tensor, labels: Tensor, queries: Tensor, num_classes: int) -> Tensor:
@@ -36,6 +37,10 @@ class ProtoNet(Learner):
 
     kinds = ("classification",)
     implicit = False
+
+    @classmethod
+    def example(cls) -> Example:
+        return Example(cls({"kind": "conv4", "channels": 4, "out_features": None}), FewShotImages.example())
 
     def __init__(self, network: NetworkSpec) -> None:
         super().__init__()

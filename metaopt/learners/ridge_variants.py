@@ -21,10 +21,12 @@ import torch
 
 from metaopt.checks import non_negative_float, optional, positive_float, positive_int, sequence_of
 from metaopt.episodes import Episode
-from metaopt.learners.base import Learner
+from metaopt.learners.base import Example, Learner
 from metaopt.learners.solvers import LinearSolver, Ridge
 from metaopt.metrics import ridge_weights
 from metaopt.tasks.base import TaskFamily
+from metaopt.tasks.noisy import NoisyLinearRegression
+from metaopt.tasks.regression import LinearRegression
 
 DEFAULT_LAMBDAS = tuple(round(10 ** (e / 4), 6) for e in range(-12, 13))  # 1e-3 .. 1e3, 4 per decade
 TUNING_SEED = 3_000_017  # differs from the compare and training seeds derived from a recipe's seed
@@ -93,6 +95,11 @@ class TunedRidge(LinearSolver):
         num_tasks, query, seed: the held-out tuning episodes.
     """
 
+    @classmethod
+    def example(cls) -> Example:
+        family = LinearRegression(dim=3)
+        return Example(cls(family, lams=(0.1, 1.0), support=5, num_tasks=8, query=2), family)
+
     def __init__(
         self, family: TaskFamily | Mapping[str, Any], lams: Sequence[float] = DEFAULT_LAMBDAS,
         support: int | Sequence[int] = 20, num_tasks: int = 2000, query: int = 10, seed: int = TUNING_SEED,
@@ -160,6 +167,11 @@ class TunedAdaptiveRidge(LinearSolver):
     Arguments as ``TunedRidge``, with ``multipliers`` × ``caps`` as the grid.
     """
 
+    @classmethod
+    def example(cls) -> Example:
+        family = LinearRegression(dim=3)
+        return Example(cls(family, multipliers=(1.0,), caps=(1.0, 10.0), support=5, num_tasks=8, query=2), family)
+
     def __init__(
         self, family: TaskFamily | Mapping[str, Any],
         multipliers: Sequence[float] = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0),
@@ -192,6 +204,10 @@ class OracleRidge(Learner):
     """Ridge with each task's true noise variance, λ_τ = σ_τ² from ``episode.info[noise_key]``."""
 
     kinds = ("regression",)
+
+    @classmethod
+    def example(cls) -> Example:
+        return Example(cls(), NoisyLinearRegression(dim=3))
 
     def __init__(self, noise_key: str = "noise_std") -> None:
         super().__init__()

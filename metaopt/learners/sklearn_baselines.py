@@ -12,7 +12,7 @@ from sklearn.tree import DecisionTreeRegressor
 
 from metaopt.checks import optional, positive_float, positive_int
 from metaopt.episodes import Episode
-from metaopt.learners.base import Learner
+from metaopt.learners.base import Example, Learner
 
 
 class PerTaskRegressor(Learner):
@@ -22,6 +22,7 @@ class PerTaskRegressor(Learner):
     """
 
     kinds = ("regression",)
+    capabilities = frozenset()  # the fit runs in scikit-learn, outside torch's autograd
     multi_output = True  # whether the estimator takes vector targets itself
 
     def make_estimator(self) -> Any:  # pragma: no cover - abstract
@@ -66,6 +67,10 @@ class GradientBoostingBaseline(PerTaskRegressor):
     """scikit-learn's gradient-boosted trees per task (stands in for Garg et al.'s XGBoost baseline)."""
 
     multi_output = False
+
+    @classmethod
+    def example(cls) -> Example:
+        return Example(cls(n_estimators=5))
 
     def __init__(
         self, n_estimators: int = 100, max_depth: int = 3, learning_rate: float = 0.1, random_state: int = 0

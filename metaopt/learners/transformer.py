@@ -19,10 +19,12 @@ from torch import nn
 
 from metaopt.episodes import Episode
 from metaopt.learners.attention import CausalSelfAttention
-from metaopt.learners.base import Learner
+from metaopt.learners.base import Example, Learner
+from metaopt.learners.capabilities import Capability
 from metaopt.learners.incontext.mesa import MesaAttention
 from metaopt.learners.incontext.momentum import MomentumAttention
 from metaopt.learners.incontext.tokens import context_tokens, query_tokens
+from metaopt.tasks.regression import LinearRegression
 
 
 ATTENTIONS: tuple[str, ...] = ("softmax", "momentum", "mesa")
@@ -93,6 +95,11 @@ class Transformer(Learner):
 
     kinds = ("regression", "binary")
     implicit = True
+    capabilities = Learner.capabilities | {Capability.ATTENTION_DUAL_FORM}
+
+    @classmethod
+    def example(cls) -> Example:
+        return Example(cls(3, max_support=5, n_embd=8, n_layer=1, n_head=2), LinearRegression(dim=3))
 
     def __init__(
         self,

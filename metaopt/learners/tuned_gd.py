@@ -20,10 +20,11 @@ import torch
 
 from metaopt.checks import non_negative_float, positive_int, sequence_of
 from metaopt.episodes import Episode
-from metaopt.learners.base import Learner
+from metaopt.learners.base import Example, Learner
 from metaopt.learners.ridge_variants import TUNING_SEED, HeldOutTuning
 from metaopt.learners.solvers import GradientDescent, LinearSolver
 from metaopt.tasks.base import TaskFamily
+from metaopt.tasks.regression import LinearRegression
 
 DEFAULT_LRS = tuple(round(10 ** (e / 40), 5) for e in range(-80, 81))  # 0.01 .. 100, 40 per decade
 DEFAULT_GAMMAS = (0.0,) + tuple(round(10 ** (e / 8), 5) for e in range(-16, 9))  # 0, then 0.01 .. 10
@@ -78,6 +79,11 @@ class TunedGradientDescent(LinearSolver):
         num_tasks, query, seed: the held-out tuning episodes.
     """
 
+    @classmethod
+    def example(cls) -> Example:
+        family = LinearRegression(dim=3)
+        return Example(cls(family, lrs=(0.1, 0.5), support=5, num_tasks=8, query=2), family)
+
     def __init__(
         self, family: TaskFamily | Mapping[str, Any], steps: int = 1, lrs: Sequence[float] = DEFAULT_LRS,
         support: int | Sequence[int] = 10, num_tasks: int = 2000, query: int = 10, seed: int = TUNING_SEED,
@@ -110,6 +116,11 @@ class TunedGDPlusPlus(Learner):
     """
 
     kinds = ("regression",)
+
+    @classmethod
+    def example(cls) -> Example:
+        family = LinearRegression(dim=3)
+        return Example(cls(family, lrs=(0.1, 0.5), gammas=(0.0, 0.1), support=5, num_tasks=8, query=2), family)
 
     def __init__(
         self, family: TaskFamily | Mapping[str, Any], steps: int = 1, lrs: Sequence[float] = GDPP_LRS,

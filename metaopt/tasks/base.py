@@ -74,6 +74,14 @@ class TaskFamily(abc.ABC):
     def _sample(self, num_tasks: int, support: int, query: int, generator: torch.Generator) -> Episode:
         """Sample on the CPU with ``generator``; arguments are already validated."""
 
+    @classmethod
+    def example(cls) -> "TaskFamily":
+        """A small instance; the contract tests sample every exported family through it.
+
+        The default is ``cls()``; a family whose constructor needs arguments overrides it with small ones.
+        """
+        return cls()
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"

@@ -62,6 +62,10 @@ class BooleanFamily(TaskFamily):
     kind = "binary"
     has_teaching: bool = False
 
+    @classmethod
+    def example(cls) -> "BooleanFamily":
+        return cls(n_bits=5)
+
     def __init__(self, n_bits: int, teaching: bool = False) -> None:
         name = type(self).__name__
         self.n_bits = positive_int("n_bits", n_bits, owner=name)

@@ -25,6 +25,10 @@ class LinearDynamics(TaskFamily):
 
     kind = "regression"
 
+    @classmethod
+    def example(cls) -> "LinearDynamics":
+        return cls(dim=2)
+
     def __init__(self, dim: int, length: int | None = None, noise: float = 0.01) -> None:
         self.dim = positive_int("dim", dim, owner="LinearDynamics")
         self.length = optional(partial(integer, low=2), "length", length, owner="LinearDynamics")

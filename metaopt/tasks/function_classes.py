@@ -33,6 +33,10 @@ class SparseLinear(TaskFamily):
     kind = "regression"
     curriculum_dims = True
 
+    @classmethod
+    def example(cls) -> "SparseLinear":
+        return cls(dim=4, nonzeros=2)
+
     def __init__(self, dim: int, nonzeros: int = 3) -> None:
         self.dim = positive_int("dim", dim, owner="SparseLinear")
         self.nonzeros = positive_int("nonzeros", nonzeros, owner="SparseLinear")
@@ -65,6 +69,10 @@ class DecisionTree(TaskFamily):
 
     kind = "regression"
     curriculum_dims = True
+
+    @classmethod
+    def example(cls) -> "DecisionTree":
+        return cls(dim=3, depth=2)
 
     def __init__(self, dim: int, depth: int = 4) -> None:
         self.dim = positive_int("dim", dim, owner="DecisionTree")
@@ -99,6 +107,10 @@ class ReluNet(TaskFamily):
 
     kind = "regression"
     curriculum_dims = True
+
+    @classmethod
+    def example(cls) -> "ReluNet":
+        return cls(dim=3, hidden=8)
 
     def __init__(self, dim: int, hidden: int = 100) -> None:
         self.dim = positive_int("dim", dim, owner="ReluNet")

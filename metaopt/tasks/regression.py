@@ -76,6 +76,10 @@ class LinearRegression(TaskFamily):
     kind = "regression"
     curriculum_dims = True
 
+    @classmethod
+    def example(cls) -> "LinearRegression":
+        return cls(dim=3)
+
     def __init__(
         self,
         dim: int,

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaopt.checks import positive_int
+from metaopt.learners.base import Example
 from metaopt.learners.incontext.prefix import PrefixLearner
+from metaopt.tasks.regression import LinearRegression
 
 
 def causal_conv(z: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
@@ -110,6 +112,10 @@ class HyenaLearner(PrefixLearner):
     """
 
     kinds = ("regression", "binary")
+
+    @classmethod
+    def example(cls) -> Example:
+        return Example(cls(3, max_support=5, width=8, layers=1), LinearRegression(dim=3))
 
     def __init__(
         self,

@@ -39,7 +39,8 @@ from torch import nn
 
 from metaopt.checks import one_of, positive_int
 from metaopt.episodes import Episode
-from metaopt.learners.base import Learner
+from metaopt.learners.base import Example, Learner
+from metaopt.learners.capabilities import Capability
 from metaopt.learners.incontext.tokens import (
     check_support_sizes,
     check_token_format,
@@ -49,6 +50,7 @@ from metaopt.learners.incontext.tokens import (
     query_tokens,
     read_y_slot,
 )
+from metaopt.tasks.regression import LinearRegression
 
 PARAMETERIZATIONS: tuple[str, ...] = ("full", "diag", "gdpp")
 # Which scalars each restricted parameterisation learns, in the order of the blocks below.
@@ -84,6 +86,11 @@ class LinearSelfAttention(Learner):
 
     kinds = ("regression",)
     implicit = True
+    capabilities = Learner.capabilities | {Capability.GD_CONSTRUCTION}
+
+    @classmethod
+    def example(cls) -> Example:
+        return Example(cls(3), LinearRegression(dim=3))
 
     def __init__(
         self,
@@ -164,6 +171,18 @@ class LinearSelfAttention(Learner):
                 model.omega[:, 0, names.index("xx")] = -gamma
                 model.omega[:, 0, names.index("yx")] = -lr
         return model
+
+    @property
+    def gd_steps(self) -> int:
+        """The GD steps of this architecture's exact construction (``Capability.GD_CONSTRUCTION``): its layers."""
+        return self.layers
+
+    def gd_construction(self, lr: float) -> "LinearSelfAttention":
+        """``from_gd(lr)`` with this model's layers, heads and parameterisation, on its device and dtype."""
+        construction = self.from_gd(self.x_dim, lr, y_dim=self.y_dim, layers=self.layers, heads=self.heads,
+                                    parameterization=self.parameterization)
+        reference = next(self.parameters())
+        return construction.to(device=reference.device, dtype=reference.dtype)
 
     # ------------------------------------------------------------------ layers
     def update_matrix(self, layer: int, second_moment: torch.Tensor) -> torch.Tensor:

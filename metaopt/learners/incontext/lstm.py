@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from metaopt.checks import positive_int
+from metaopt.learners.base import Example
 from metaopt.learners.incontext.prefix import PrefixLearner
+from metaopt.tasks.regression import LinearRegression
 
 
 class LSTMLearner(PrefixLearner):
@@ -26,6 +28,10 @@ class LSTMLearner(PrefixLearner):
     """
 
     kinds = ("regression", "binary")
+
+    @classmethod
+    def example(cls) -> Example:
+        return Example(cls(3, hidden=8, layers=1), LinearRegression(dim=3))
 
     def __init__(
         self, x_dim: int, y_dim: int = 1, hidden: int = 64, layers: int = 2, token_format: str = "interleaved"

@@ -25,9 +25,11 @@ import math
 import torch
 from torch import nn
 
+from metaopt.learners.base import Example
 from metaopt.learners.incontext.prefix import PrefixLearner
 from metaopt.checks import positive_float, positive_int
 from metaopt.learners.incontext.tokens import prefix_mask, read_y_slot
+from metaopt.tasks.regression import LinearRegression
 
 
 class MesaAttention(nn.Module):
@@ -97,6 +99,10 @@ class MesaLayer(PrefixLearner):
     """
 
     kinds = ("regression",)
+
+    @classmethod
+    def example(cls) -> Example:
+        return Example(cls(3), LinearRegression(dim=3))
 
     def __init__(
         self,

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from metaopt.checks import positive_int
 from metaopt.episodes import Episode
 from metaopt.tasks.base import TaskFamily
+from metaopt.tasks.images.glyphs import Glyphs
 from metaopt.tasks.images.layout import FewShotLayout, LayoutSizes
 from metaopt.tasks.images.rotations import RotatedClasses
 from metaopt.tasks.images.source import ImageSource, check_split
@@ -45,6 +46,10 @@ class FewShotImages(LayoutSizes, TaskFamily):
     """
 
     kind = "classification"
+
+    @classmethod
+    def example(cls) -> "FewShotImages":
+        return cls(Glyphs((8, 4, 4), size=16, samples_per_class=4), ways=2, shots=1, queries=2, rotations=False)
 
     def __init__(
         self,

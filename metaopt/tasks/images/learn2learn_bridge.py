@@ -12,6 +12,7 @@ import random
 from typing import Any
 
 import torch
+from torch.utils.data import TensorDataset
 
 from metaopt.episodes import Episode
 from metaopt.extras import import_learn2learn
@@ -46,6 +47,11 @@ class Learn2LearnTasks(LayoutSizes, TaskFamily):
     """
 
     kind = "classification"
+
+    @classmethod
+    def example(cls) -> "Learn2LearnTasks":
+        images, labels = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(4).repeat(2)
+        return cls.from_dataset(TensorDataset(images, labels), ways=2, shots=1, queries=1)
 
     def __init__(self, taskset: Any, ways: int, shots: int, queries: int, unlabeled_per_class: int = 0) -> None:
         if not callable(getattr(taskset, "sample", None)):

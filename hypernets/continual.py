@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from matplotlib.figure import Figure
@@ -48,6 +48,8 @@ from metaopt.checks import one_of, positive_int
 from metaopt.episodes import Episode
 from metaopt.learners.base import Example, Learner
 from metaopt.learners.protonet import prototype_logits
+from metaopt.log import Run
+from metaopt.seeds import SeedPlan
 from metaopt.tasks.images.few_shot import FewShotImages
 from metaopt.tasks.images.glyphs import Glyphs
 
@@ -290,50 +292,42 @@ def plot_result(result: ContinualResult, title: str = "") -> Figure:
 
 
 # ---------------------------------------------------------------------- entry point
-def _sequence_family(task_spec: dict, learner: ContinualHyperTransformer, num_tasks: int):
-    """The recipe's ``FewShotImages`` with ``ways · num_tasks`` classes (``shots · num_tasks`` for mini_batch)."""
-    from metaopt.config import instantiate
-
-    spec = dict(task_spec)
+def _sequence_family(family: FewShotImages, learner: ContinualHyperTransformer, num_tasks: int) -> FewShotImages:
+    """The evaluation family with ``ways · num_tasks`` classes (``shots · num_tasks`` for mini_batch)."""
     if learner.scenario == "mini_batch":
-        spec["shots"] = learner.shots * num_tasks
-    else:
-        spec["ways"] = learner.ways * num_tasks
-    return instantiate(spec, "task")
+        return family.replace(shots=learner.shots * num_tasks)
+    return family.replace(ways=learner.ways * num_tasks)
 
 
 def evaluate_sequences(
-    experiment, run, *, lengths: Sequence[int] | None = None, sequences: int = 200
+    learners: Mapping[str, Learner], family: FewShotImages, run: Run, seeds: SeedPlan, *,
+    lengths: Sequence[int] | None = None, sequences: int = 200,
 ) -> dict[str, dict[str, dict]]:
     """Accuracy matrices of every learner on held-out task sequences: a recipe ``evaluate:`` step.
 
     Scores each learner on ``sequences`` sequences of each length in ``lengths`` (default: the training
-    length up to 5 tasks; longer ones test extrapolation), in the scenario of the recipe's first
-    ``ContinualHyperTransformer``; writes ``continual.json`` and one heat-map/forgetting figure per
-    learner and length to the run, and prints average accuracy and backward transfer.
+    length up to 5 tasks; longer ones test extrapolation), drawn from ``family`` (the recipe's evaluation
+    family, widened to hold the sequence) in the scenario of the first ``ContinualHyperTransformer``; writes
+    ``continual.json`` and one heat-map/forgetting figure per learner and length to the run, and prints
+    average accuracy and backward transfer.
     """
-    from omegaconf import OmegaConf
-
-    from metaopt.config import evaluation_task_spec
-
-    continual = {n: m for n, m in experiment.learners.items() if isinstance(m, ContinualHyperTransformer)}
+    continual = {n: m for n, m in learners.items() if isinstance(m, ContinualHyperTransformer)}
     if not continual:
         raise ValueError("evaluate_sequences needs a learner that is a hypernets.ContinualHyperTransformer")
+    if not isinstance(family, FewShotImages):
+        raise ValueError(f"evaluate_sequences needs a FewShotImages task family; got {type(family).__name__}")
     reference = next(iter(continual.values()))
-    family = experiment.eval_family
     trained = num_steps(family.sample(1, family.support_size, family.query_size),
                         reference.ways, reference.scenario, reference.shots)
     lengths = list(lengths or range(trained, max(trained, 5) + 1))
-    task_spec = OmegaConf.to_container(evaluation_task_spec(experiment.config), resolve=True)
     results: dict[str, dict[str, dict]] = {}
-    for name, learner in experiment.learners.items():
+    for name, learner in learners.items():
         model = continual.get(name, reference)  # other learners are scored in the reference's scenario
         for n in lengths:
-            sequence_family = _sequence_family(task_spec, model, n)
+            sequence_family = _sequence_family(family, model, n)
             try:
                 result = evaluate_continual(learner, sequence_family, ways=model.ways, scenario=model.scenario,
-                                            shots=model.shots, num_sequences=sequences,
-                                            seed=experiment.config.seed + 3_000_017)
+                                            shots=model.shots, num_sequences=sequences, seed=seeds.sequences)
             except ValueError as error:  # e.g. a fixed-ways HyperTransformer cannot read merged tasks
                 logger.info("%s: no accuracy matrix (%s)", name, error)
                 break

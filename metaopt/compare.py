@@ -8,16 +8,18 @@ and for each pair (implicit A, explicit B) how similar their predictions are.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from metaopt.analysis.suite import format_analysis, parse_analyses, plot_analysis, run_analyses
+from metaopt.checks import non_negative_int, positive_int, sequence_of
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
 from metaopt.metrics import Metric, bootstrap_band, prediction_similarity
+from metaopt.seeds import comparison_streams, generator
 from metaopt.tasks.base import TaskFamily
 
 
@@ -32,16 +34,63 @@ class Curve:
 
 
 @dataclass
-class Claim:
-    """A paper's claim checked against measured values: ``learner``'s metric at ``k`` is below/above a value
-    and/or better (per the metric's direction) than each learner of ``better_than`` at the same ``k``."""
+class CompareSettings:
+    """How a recipe compares its learners (a recipe's ``compare:``; the arguments of :func:`compare`).
 
-    text: str
-    learner: str
-    k: int
-    below: float | None = None
-    above: float | None = None
+    ``analysis`` lists implicit-vs-explicit analyses by name or as ``{name: ..., option: value}``
+    (``metaopt.analysis.suite``: sensitivity, spd_ilwd, best_gd, interpolation, dual_form); none by default.
+    ``task`` holds keys merged over the recipe's ``task`` for evaluation only, e.g. ``{split: test}`` for
+    held-out image classes or ``{query_mode: orthogonal}`` for an out-of-distribution prompt (a
+    ``_target_`` there replaces the task spec instead).
+    """
+
+    support_sizes: list[int] = field(default_factory=lambda: [0, 1, 2, 5, 10])
+    num_tasks: int = 1000
+    query: int = 1
+    bootstrap: int = 1000
+    chunk_size: int = 512
+    analysis: list[Any] = field(default_factory=list)
+    task: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        for key in ("num_tasks", "query", "bootstrap", "chunk_size"):
+            positive_int(key, getattr(self, key), owner=owner)
+        if not self.support_sizes:
+            raise ValueError(f"{owner}: support_sizes must be a non-empty list of ints >= 0; got []")
+        sequence_of("support_sizes", self.support_sizes, non_negative_int, owner=owner)
+        try:
+            parse_analyses(self.analysis)
+        except ValueError as error:
+            raise ValueError(f"analysis: {error}") from error
+
+
+@dataclass
+class ClaimSpec:
+    """A paper's claim a recipe checks: ``learner``'s metric at support size ``k`` below/above a value, and/or
+    better (lower or higher, as the metric's direction says) than each learner named in ``better_than``."""
+
+    text: str = ""
+    learner: str = ""
+    k: int = 0
+    below: Optional[float] = None
+    above: Optional[float] = None
     better_than: list[str] = field(default_factory=list)
+
+    def check_names(self, learners: Sequence[str], support_sizes: Sequence[int]) -> None:
+        """Refuse a claim about a learner or support size the comparison does not have."""
+        for key, name in [("learner", self.learner), *((f"better_than[{j}]", n) for j, n in
+                                                       enumerate(self.better_than))]:
+            if name not in learners:
+                raise ValueError(f"{key}={name!r} is not one of the learners {list(learners)}")
+        if self.k not in support_sizes:
+            raise ValueError(f"k={self.k} is not in compare.support_sizes {list(support_sizes)}")
+
+
+@dataclass
+class Claim(ClaimSpec):
+    """A claim with what was measured: the learner's value, the others' values, and whether it holds."""
+
     measured: float | None = None
     others: dict[str, float] = field(default_factory=dict)
     holds: bool | None = None
@@ -109,7 +158,7 @@ def compare(
     bootstrap: int = 1000,
     chunk_size: int = 512,
     device: str | torch.device = "cpu",
-    claims: Sequence[Mapping] = (),
+    claims: Sequence[ClaimSpec | Mapping] = (),
     progress: bool = True,
     analysis: Sequence[str | Mapping] = (),
 ) -> Comparison:
@@ -128,10 +177,9 @@ def compare(
     if support_sizes[0] < 0:
         raise ValueError(f"support sizes must be >= 0; got {support_sizes}")
     metric = family.metric
-    episode = family.sample(
-        num_tasks, support_sizes[-1], query, generator=torch.Generator().manual_seed(seed), device=device
-    )
-    band_generator = torch.Generator().manual_seed(seed + 1)
+    episode_seed, band_seed, analysis_seed = comparison_streams(seed)
+    episode = family.sample(num_tasks, support_sizes[-1], query, generator=generator(episode_seed), device=device)
+    band_generator = generator(band_seed)
     predictions: dict[str, torch.Tensor] = {}
     curves: dict[str, Curve] = {}
     for name, learner in tqdm(learners.items(), desc="compare", disable=None if progress else True, leave=False):
@@ -149,14 +197,14 @@ def compare(
                 similarity[f"{a} vs {b}"] = {key: value.tolist() for key, value in sim.items()}
     comparison = Comparison(metric.name, metric.lower_is_better, support_sizes, num_tasks, curves, similarity)
     comparison.claims = [check_claim(comparison, claim) for claim in claims]
-    analysed = run_analyses(analyses, learners, episode, support_sizes, seed=seed + 2)
+    analysed = run_analyses(analyses, learners, episode, support_sizes, seed=analysis_seed)
     comparison.analysis, comparison.analysis_skipped = analysed.results, analysed.skipped
     return comparison
 
 
-def check_claim(comparison: Comparison, spec: Mapping) -> Claim:
+def check_claim(comparison: Comparison, spec: ClaimSpec | Mapping) -> Claim:
     """Measure one claim of a recipe (``text``, ``learner``, ``k``, and ``below``, ``above`` or ``better_than``)."""
-    claim = Claim(**dict(spec))
+    claim = Claim(**(asdict(spec) if isinstance(spec, ClaimSpec) else dict(spec)))
     claim.measured = comparison.value(claim.learner, claim.k)
     claim.others = {other: comparison.value(other, claim.k) for other in claim.better_than}
     sign = 1 if comparison.lower_is_better else -1

@@ -14,13 +14,25 @@ import logging
 import math
 import os
 import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, Optional, get_args
 
 logger = logging.getLogger(__name__)
 
-WANDB_MODES = ("online", "offline", "disabled")
+WandbMode = Literal["online", "offline", "disabled"]
+WANDB_MODES = get_args(WandbMode)
 CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class WandbSettings:
+    """Weights & Biases mirror of a run (a recipe's ``wandb:``; ``offline`` writes to the run folder, no network)."""
+
+    mode: WandbMode = "offline"
+    project: str = "metaopt"
+    entity: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
 
 
 def _jsonable(value: Any) -> Any:
@@ -49,6 +61,13 @@ class Run:
         project, entity, tags: W&B run fields.
         path: an existing run folder to continue (resume) instead of making a new one.
     """
+
+    @classmethod
+    def open(cls, name: str, config: Mapping[str, Any], wandb: WandbSettings, *, root: str | os.PathLike = "runs",
+             path: str | os.PathLike | None = None) -> "Run":
+        """A run with a recipe's W&B settings."""
+        return cls(name, config, root=root, wandb_mode=wandb.mode, project=wandb.project, entity=wandb.entity,
+                   tags=list(wandb.tags), path=path)
 
     def __init__(
         self,

@@ -7,25 +7,30 @@ learner, the outer optimiser and its schedule, the episode generator's state and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Optional, Sequence, get_args
 
 import torch
 from tqdm.auto import tqdm
 
+from metaopt.checks import non_negative_float, non_negative_int, one_of, optional, positive_float, positive_int
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
 from metaopt.log import Run
+from metaopt.seeds import SeedPlan, generator
 from metaopt.tasks.base import TaskFamily
 
 logger = logging.getLogger(__name__)
 
-SCHEDULES = ("constant", "cosine")
-NONFINITE_POLICIES = ("stop", "rollback")
+Schedule = Literal["constant", "cosine"]
+NonfinitePolicy = Literal["stop", "rollback"]
+SCHEDULES = get_args(Schedule)
+NONFINITE_POLICIES = get_args(NonfinitePolicy)
 MAX_ROLLBACKS = 3
 
 
@@ -44,21 +49,88 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Stage:
     """A quantity that grows during training: ``start``, plus ``increment`` every ``every`` steps, up to ``end``."""
 
-    start: int
-    end: int
+    start: int = 1
+    end: int = 1
     increment: int = 1
     every: int = 1000
 
     def __post_init__(self) -> None:
-        if not (self.start >= 1 and self.end >= self.start and self.increment >= 1 and self.every >= 1):
+        for key in ("start", "end", "increment", "every"):
+            positive_int(key, getattr(self, key), owner="curriculum stage")
+        if self.end < self.start:
             raise ValueError(f"curriculum stage needs 1 <= start <= end, increment >= 1, every >= 1; got {self}")
 
     def at(self, step: int) -> int:
         return min(self.end, self.start + self.increment * (step // self.every))
+
+
+@dataclass
+class Curriculum:
+    """Garg et al.'s curriculum: input dimensions and/or support size grow during training (either optional).
+
+    ``dims`` trains on the family's ``with_active_dims``; ``support`` grows the support size up to ``support``.
+    """
+
+    dims: Optional[Stage] = None
+    support: Optional[Stage] = None
+
+
+@dataclass
+class TrainSettings:
+    """Meta-training settings of one learner (a recipe's ``train:``, with a learner's own ``train:`` on top).
+
+    Args:
+        steps, batch_size, support, query: number of outer steps; tasks per step; examples per task.
+        lr, weight_decay, grad_clip, warmup_steps, schedule: the AdamW outer optimiser (``grad_clip`` None: off).
+        val_every, val_tasks: validation on a fixed set of held-out episodes.
+        checkpoint_every: steps between checkpoints (one is always written at the end).
+        log_every: steps between metric rows.
+        curriculum: see :class:`Curriculum`.
+        on_nonfinite: ``stop`` raises DivergenceError; ``rollback`` reloads the last checkpoint and
+            halves the learning rate (at most 3 times).
+    """
+
+    steps: int = 1000
+    batch_size: int = 64
+    support: int = 10
+    query: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: Optional[float] = 1.0
+    warmup_steps: int = 0
+    schedule: Schedule = "constant"
+    val_every: int = 200
+    val_tasks: int = 256
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    curriculum: Curriculum = field(default_factory=Curriculum)
+    on_nonfinite: NonfinitePolicy = "stop"
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        for key in ("steps", "batch_size", "support", "query", "val_every", "val_tasks", "checkpoint_every",
+                    "log_every"):
+            positive_int(key, getattr(self, key), owner=owner)
+        non_negative_int("warmup_steps", self.warmup_steps, owner=owner)
+        positive_float("lr", self.lr, owner=owner)
+        non_negative_float("weight_decay", self.weight_decay, owner=owner)
+        optional(positive_float, "grad_clip", self.grad_clip, owner=owner)
+        one_of("schedule", self.schedule, SCHEDULES, owner=owner)
+        one_of("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES, owner=owner)
+        if isinstance(self.curriculum, dict):
+            self.curriculum = Curriculum(**{k: Stage(**dict(v)) if v else None for k, v in self.curriculum.items()})
+        stage = self.curriculum.support
+        if stage is not None and stage.end != self.support:
+            raise ValueError(f"curriculum.support.end ({stage.end}) must equal support ({self.support})")
+
+    def check_family(self, family: TaskFamily) -> None:
+        """Refuse a family these settings cannot train on (a dimension curriculum needs ``with_active_dims``)."""
+        if self.curriculum.dims is not None:
+            family.with_active_dims(self.curriculum.dims.start)
 
 
 def _lr_multiplier(schedule: str, warmup_steps: int, total_steps: int):
@@ -81,20 +153,13 @@ class MetaTrainer:
     Args:
         learner: the learner whose ``nn.Parameter``s are meta-trained.
         family: the task family episodes are drawn from.
+        settings: steps, batch and outer-optimiser settings (:class:`TrainSettings`; defaults if None).
+        **changes: any :class:`TrainSettings` field, replacing the one of ``settings``
+            (``MetaTrainer(learner, family, steps=200, lr=3e-3)``).
         name: the learner's name (checkpoint sub-folder and metric prefix).
-        steps, batch_size, support, query: number of outer steps; tasks per step; examples per task.
-        lr, weight_decay, grad_clip, warmup_steps, schedule: the AdamW outer optimiser.
-        val_every, val_tasks: validation on a fixed set of held-out episodes.
-        checkpoint_every: steps between checkpoints (one is always written at the end).
-        log_every: steps between metric rows.
-        curriculum: Garg et al.'s curriculum: ``{"dims": Stage-like, "support": Stage-like}`` (either
-            optional; dicts with start/end/increment/every). ``dims`` trains on the family's
-            ``with_active_dims``; ``support`` grows the support size up to ``support``.
         on_validate: callables run at every validation with the trainer; the metrics they return are
             logged with the validation loss (e.g. the sensitivity cosine to an explicit learner vs step).
-        on_nonfinite: ``stop`` raises DivergenceError; ``rollback`` reloads the last checkpoint and
-            halves the learning rate (at most 3 times).
-        seed: seeds the training and validation episode generators.
+        seed: the run's seed; training and validation episodes come from its :class:`metaopt.seeds.SeedPlan`.
         run: where metrics and checkpoints go; None keeps everything in memory.
         progress: show a progress bar.
     """
@@ -103,67 +168,54 @@ class MetaTrainer:
         self,
         learner: Learner,
         family: TaskFamily,
+        settings: TrainSettings | None = None,
         *,
         name: str = "learner",
-        steps: int = 1000,
-        batch_size: int = 64,
-        support: int = 10,
-        query: int = 1,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        grad_clip: float | None = 1.0,
-        warmup_steps: int = 0,
-        schedule: str = "constant",
-        val_every: int = 200,
-        val_tasks: int = 256,
-        checkpoint_every: int = 1000,
-        log_every: int = 50,
-        curriculum: dict | None = None,
         on_validate: Sequence[Callable[["MetaTrainer"], dict]] = (),
-        on_nonfinite: str = "stop",
         seed: int = 0,
         device: str | torch.device = "cpu",
         run: Run | None = None,
         progress: bool = True,
+        **changes: object,
     ) -> None:
-        if schedule not in SCHEDULES:
-            raise ValueError(f"MetaTrainer: schedule must be one of {SCHEDULES}; got {schedule!r}")
-        if on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"MetaTrainer: on_nonfinite must be one of {NONFINITE_POLICIES}; got {on_nonfinite!r}")
-        for key, value in (("steps", steps), ("batch_size", batch_size), ("val_every", val_every),
-                           ("checkpoint_every", checkpoint_every), ("log_every", log_every)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"MetaTrainer: {key} must be a positive int; got {value!r}")
+        settings = settings or TrainSettings()
+        if not isinstance(settings, TrainSettings):
+            raise ValueError(f"MetaTrainer: settings must be a TrainSettings; got {type(settings).__name__}")
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(TrainSettings)})
+        if unknown:
+            raise ValueError(f"MetaTrainer: unknown setting(s) {unknown}; expected TrainSettings fields")
+        try:
+            settings = dataclasses.replace(settings, **changes)
+        except ValueError as error:
+            raise ValueError(f"MetaTrainer: {error}") from error
         if not learner.is_trainable:
             raise ValueError(f"MetaTrainer: learner {name!r} has no trainable parameters; nothing to meta-train")
-        self.curriculum = {key: Stage(**dict(value)) for key, value in (curriculum or {}).items() if value}
-        unknown = set(self.curriculum) - {"dims", "support"}
-        if unknown:
-            raise ValueError(f"MetaTrainer: curriculum keys must be 'dims' and/or 'support'; got {sorted(unknown)}")
-        if "support" in self.curriculum and self.curriculum["support"].end != support:
-            raise ValueError(f"MetaTrainer: curriculum.support.end ({self.curriculum['support'].end}) must equal "
-                             f"support ({support})")
-        if "dims" in self.curriculum:
-            family.with_active_dims(self.curriculum["dims"].start)  # refuses families without a curriculum
+        settings.check_family(family)  # refuses families without a curriculum
+        self.settings = settings
+        self.curriculum = {key: stage for key in ("dims", "support")
+                           if (stage := getattr(settings.curriculum, key)) is not None}
         self.on_validate = list(on_validate)
         self.learner = learner.to(device)
         self.family = family
         self.name = name
-        self.steps, self.batch_size, self.support, self.query = steps, batch_size, support, query
-        self.grad_clip = grad_clip
-        self.val_every, self.checkpoint_every, self.log_every = val_every, checkpoint_every, log_every
-        self.on_nonfinite = on_nonfinite
+        self.steps, self.batch_size = settings.steps, settings.batch_size
+        self.support, self.query = settings.support, settings.query
+        self.grad_clip = settings.grad_clip
+        self.val_every, self.checkpoint_every = settings.val_every, settings.checkpoint_every
+        self.log_every = settings.log_every
+        self.on_nonfinite = settings.on_nonfinite
         self.device = torch.device(device)
         self.run = run
         self.progress = progress
-        self.base_lr = lr
-        self.optimizer = torch.optim.AdamW(learner.parameters(), lr=lr, weight_decay=weight_decay)
+        self.base_lr = settings.lr
+        self.optimizer = torch.optim.AdamW(learner.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_multiplier(schedule, warmup_steps, steps)
+            self.optimizer, _lr_multiplier(settings.schedule, settings.warmup_steps, settings.steps)
         )
-        self.generator = torch.Generator().manual_seed(seed)
+        seeds = SeedPlan(seed)
+        self.generator = generator(seeds.training(name))
         self.val_episode: Episode = family.sample(
-            val_tasks, support, query, generator=torch.Generator().manual_seed(seed + 1_000_003), device=device
+            settings.val_tasks, self.support, self.query, generator=generator(seeds.validation), device=device
         )
         self.step = 0
         self.history: list[dict] = []

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from metaopt.cli import main
-from metaopt.config import RECIPE_DIR, build, load_recipe, recipe_pipeline
+from metaopt.config import RECIPE_DIR
+from metaopt.pipelines import build, load
 
 TINY = {
     "name": "tiny",
@@ -79,7 +80,7 @@ def test_resume_continues_an_interrupted_run_and_compare_reuses_it(recipe, tmp_p
         ("train.curriculum.support.end=9", "curriculum.support.end (9) must equal support (4)"),
         ("train.schedule=linear", "train.schedule='linear' is not allowed"),
         ("compare.analysis=[sensitivty]", "compare.analysis: compare analysis: unknown analysis 'sensitivty'"),
-        ("evaluate=[{_target_: json.dumps}]", "evaluate[0]: json.dumps does not take ['experiment', 'run']"),
+        ("evaluate=[{_target_: json.dumps}]", "evaluate[0]: json.dumps needs ['obj']"),
         ("compare.task={_target_: metaopt.tasks.Conjunction, n_bits: 2}", "compare.task gives 'binary' episodes"),
         ("claims=[{learner: least_squares, k: 2, better_than: [ridge]}]",
          "claims[0].better_than[0]='ridge' is not one of the learners"),
@@ -113,14 +114,13 @@ FIXTURE_OVERRIDES = {  # the fixture: 3 background alphabets, 4 drawings per cha
 @pytest.mark.parametrize("recipe_path", sorted(RECIPE_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_bundled_recipe_loads_and_builds(recipe_path, omniglot_root, monkeypatch):
     monkeypatch.setenv("OMNIGLOT_ROOT", str(omniglot_root))  # recipes for data on disk read it from there
-    pipeline, _ = recipe_pipeline(str(recipe_path))
-    if pipeline == "optimizer":
-        from metaopt.optimizer_experiment import load_config
-
-        assert load_config(str(recipe_path)).description
+    config = load(str(recipe_path), FIXTURE_OVERRIDES.get(recipe_path.stem, []))
+    experiment = build(config)
+    assert config.description
+    if config.pipeline == "optimizer":
+        assert experiment.environments and experiment.learned
         return
-    experiment = build(load_recipe(str(recipe_path), FIXTURE_OVERRIDES.get(recipe_path.stem, [])))
-    assert experiment.learners and experiment.config.description
+    assert experiment.learners
 
 
 def test_unknown_pipeline_is_refused(recipe, tmp_path, capsys):

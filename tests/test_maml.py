@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from metaopt.cli import main
-from metaopt.config import load_recipe
+from metaopt.pipelines import load
 from metaopt.episodes import Episode
 from metaopt.learners import ANIL, FOMAML, MAML, FixedInitGD, MetaSGD, ProtoNet
 from metaopt.learners.maml import build_network, head_name
@@ -145,4 +145,4 @@ def test_recipe_runs_end_to_end_when_shrunk(recipe, tmp_path):
     assert main(["run", recipe, f"output_dir={tmp_path}", *overrides]) == 0
     (run_dir,) = (tmp_path / recipe).iterdir()
     results = json.loads((run_dir / "results.json").read_text())
-    assert set(results["curves"]) == set(load_recipe(recipe).learners)
+    assert set(results["curves"]) == set(load(recipe).learners)

@@ -1,4 +1,5 @@
-"""The specialized-optimizer experiment: a tiny end-to-end run, the learning-rate grid, the environments."""
+"""The optimizer pipeline (the specialized-optimizer experiment): a tiny end-to-end run, the learning-rate grid,
+the environments, its recipe's `_target_` entries and their checks."""
 
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ import optimizers as O
 from metaopt.cli import main as cli_main
 from metaopt.config import RECIPE_DIR, ConfigError
 from metaopt.environments import digits_finetuning, load_digits_classes, tabular_environment
-from metaopt.optimizer_experiment import load_config, steps_to_reach, tune_learning_rate
+from metaopt.pipelines import build, load
+from metaopt.pipelines.optimizer import steps_to_reach, tune_learning_rate
 from optimizers.environments import Environment
 
 RECIPE = str(RECIPE_DIR / "specialized_optimizer.yaml")
 TINY = [
     "wandb.mode=disabled", "threads=1", "environment.horizon=4", "environment.pretrain_steps=5",
-    "environment.hidden=[8]", "meta_train.steps=2", "meta_train.pairs=1", "evaluation.seeds=1",
-    "baselines.tune_seeds=1", "baselines.sgd=[0.1,1.0]", "baselines.momentum=[0.1]", "baselines.adam=[0.01,0.1]",
+    "environment.hidden=[8]", "meta_train.steps=2", "meta_train.estimator.pairs=1", "evaluation.seeds=1",
+    "tuning.seeds=1", "baselines.sgd.lrs=[0.1,1.0]", "baselines.momentum.lrs=[0.1]", "baselines.adam.lrs=[0.01,0.1]",
 ]
 
 
@@ -37,10 +39,11 @@ def test_tiny_run_writes_results_and_figures(tmp_path, capsys):
     assert seen_t["steps"] == 4 and results["evaluation"]["seen"]["2T"]["steps"] == 8
     assert set(seen_t["optimizers"]) == {"sgd", "momentum", "adam", "layerwise_mixture", "per_parameter_mlp"}
     adam = seen_t["optimizers"]["adam"]
-    assert adam["final_loss"] == seen_t["adam_final_loss"] and adam["steps_to_adam_final"] <= 4
+    assert results["reference"] == "adam"
+    assert adam["final_loss"] == seen_t["reference_final_loss"] and adam["steps_to_reference_final"] <= 4
     assert results["tuned_learning_rates"]["adam"]["best"] in (0.01, 0.1)
     assert len(results["curves"]["seen"]["layerwise_mixture"]) == 9
-    assert "steps to Adam" in capsys.readouterr().out
+    assert "steps to adam" in capsys.readouterr().out
 
 
 def test_learning_rate_grid_picks_the_best_rate():
@@ -73,14 +76,37 @@ def test_environments_share_layer_names_and_learn():
 
 @pytest.mark.parametrize(
     "override, message",
-    [("meta_train.estimator=adahessian", "meta_train.estimator"), ("environment.unseen=iris", "environment.unseen"),
-     ("environment.horizon=0", "environment.horizon"), ("meta_train.step=3", "step"), ("oops", "key=value")],
+    [("meta_train.estimator._target_=optimizers.Adahessian", "meta_train.estimator._target_"),
+     ("meta_train.estimator._target_=optimizers.sgd", "must be an optimizers.GradientEstimator"),
+     ("environments.unseen_wine.name=iris", "environments.unseen_wine: unknown data set 'iris'"),
+     ("environment.horizon=0", "environments.seen: .*horizon must be"), ("meta_train.step=3", "step"),
+     ("oops", "key=value"), ("tuning.reference=lion", "tuning.reference='lion' is not one of the baselines"),
+     ("baselines.sgd.lrs=[]", "baselines.sgd.lrs must be a non-empty list"),
+     ("learned.per_parameter_mlp.width=3", r"learned.per_parameter_mlp: unknown argument\(s\) \['width'\]"),
+     ("baselines.adam.optimizer.beta=0.9", r"baselines.adam.optimizer: unknown argument\(s\) \['beta'\]"),
+     ("evaluation.seeds=0", "evaluation.seeds must be an int >= 1")],
 )
 def test_bad_settings_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(RECIPE, [override])
+        build(load(RECIPE, [override]))
 
 
-def test_bundled_recipe_loads():
-    config = load_config(RECIPE)
-    assert config.meta_train.estimator == "es" and Path(RECIPE).is_file()
+def test_bundled_recipe_loads_its_targets():
+    config = load(RECIPE)
+    assert config.meta_train.estimator._target_ == "optimizers.AntitheticES" and Path(RECIPE).is_file()
+    experiment = build(config)
+    assert list(experiment.environments) == ["seen", "new_init", "unseen_wine"]
+    assert experiment.baselines["momentum"](0.1).init  # a partial optimizer: the learning rate comes last
+    assert set(experiment.learned) == {"layerwise_mixture", "per_parameter_mlp"}
+
+
+def test_a_learned_optimizer_of_the_users_own_is_meta_trained(tmp_path):
+    """Any nn.Module with an .optimizer factory is a learned optimizer: the pipeline builds it by _target_."""
+    out = tmp_path / "runs"
+    assert cli_main(["run", RECIPE, f"output_dir={out}", *TINY,
+                     "learned.small_mlp={_target_: optimizers.PerParameterMLP, hidden: 4}"]) == 0
+    (run_dir,) = (out / "specialized_optimizer").iterdir()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["meta_training"]) == {"layerwise_mixture", "per_parameter_mlp", "small_mlp"}
+    assert (run_dir / "checkpoints" / "small_mlp.pt").exists()
+    assert "small_mlp" in results["evaluation"]["unseen_wine"]["2T"]["optimizers"]

@@ -10,7 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from metaopt.cli import main
-from metaopt.config import RECIPE_DIR, build, load_recipe
+from metaopt.config import RECIPE_DIR
+from metaopt.pipelines import build, load
 
 REPRODUCTIONS = [
     "lsa_is_gd",
@@ -34,7 +35,7 @@ VARIANTS = [
 
 def shrunk(recipe: str) -> list[str]:
     """Overrides that keep a recipe's structure but make it run in a second or two."""
-    config = load_recipe(recipe)
+    config = load(recipe)
     overrides = [
         "threads=1", "progress=false", "wandb.mode=disabled",
         "train.steps=3", "train.batch_size=4", "train.val_every=3", "train.val_tasks=4",
@@ -59,7 +60,7 @@ def shrunk(recipe: str) -> list[str]:
 @pytest.mark.parametrize("recipe", REPRODUCTIONS)
 def test_reproduction_recipe_loads_and_builds(recipe):
     assert (RECIPE_DIR / f"{recipe}.yaml").is_file()
-    config = load_recipe(recipe)
+    config = load(recipe)
     assert config.claims, f"{recipe} states no paper claim"
     experiment = build(config)
     assert any(learner.implicit for learner in experiment.learners.values())
@@ -67,17 +68,17 @@ def test_reproduction_recipe_loads_and_builds(recipe):
 
 @pytest.mark.parametrize("recipe,overrides", VARIANTS)
 def test_documented_variants_build(recipe, overrides):
-    build(load_recipe(recipe, overrides))
+    build(load(recipe, overrides))
 
 
 @pytest.mark.parametrize("recipe", REPRODUCTIONS)
 def test_reproduction_recipe_runs_shrunk(recipe, tmp_path):
     assert main(["run", recipe, f"output_dir={tmp_path}", *shrunk(recipe)]) == 0
-    (run_dir,) = (tmp_path / load_recipe(recipe).name).iterdir()
+    (run_dir,) = (tmp_path / load(recipe).name).iterdir()
     results = json.loads((run_dir / "results.json").read_text())
-    assert set(results["curves"]) == set(load_recipe(recipe).learners)
-    assert len(results["claims"]) == len(load_recipe(recipe).claims)
-    for analysis in load_recipe(recipe).compare.analysis:
+    assert set(results["curves"]) == set(load(recipe).learners)
+    assert len(results["claims"]) == len(load(recipe).claims)
+    for analysis in load(recipe).compare.analysis:
         name = analysis if isinstance(analysis, str) else analysis.name
         assert name in results["analysis"]
 

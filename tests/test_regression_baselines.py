@@ -10,7 +10,8 @@ from sklearn.tree import DecisionTreeRegressor
 
 from conftest import generator
 from metaopt.compare import compare
-from metaopt.config import ConfigError, build, validate
+from metaopt.config import ConfigError, instantiate
+from metaopt.pipelines import build, validate
 from metaopt.learners import (
     AdaptiveRidge, Averaging, DecisionTreeBaseline, GradientBoostingBaseline, Lasso, MLPBaseline, NearestNeighbours,
     OracleRidge, Ridge, TunedAdaptiveRidge, TunedRidge,
@@ -144,7 +145,11 @@ def test_tuned_ridge_finds_the_bayes_optimal_penalty_for_a_single_noise_level():
     chosen = ridge.tune()
     assert set(chosen) == {10, 30} and all(0.3 <= lam <= 3.0 for lam in chosen.values())
     spec = {"_target_": "metaopt.tasks.NoisyLinearRegression", "dim": 5, "noise": [1.0]}
-    assert TunedRidge(spec, support=[10, 30], num_tasks=600).tune() == chosen  # a recipe's mapping, same tasks
+    from_recipe = instantiate({"_target_": "metaopt.learners.TunedRidge", "family": spec, "support": [10, 30],
+                               "num_tasks": 600}, "learners.const_rr")  # the family arrives built, same tasks
+    assert from_recipe.tune() == chosen
+    with pytest.raises(ValueError, match="family must be a TaskFamily"):
+        TunedRidge(spec)
     assert ridge.tuning.nearest(12) == 10 and ridge.tuning.nearest(25) == 30
 
 
@@ -198,9 +203,9 @@ def test_regression_baselines_are_refused_on_boolean_families_at_recipe_load(tar
 @pytest.mark.parametrize("recipe", ["garg_function_classes", "garg_function_classes_trees",
                                     "garg_function_classes_relu", "noisy_regression"])
 def test_regression_recipes_build(recipe):
-    from metaopt.config import load_recipe
+    from metaopt.pipelines import load
 
-    experiment = build(load_recipe(recipe))
+    experiment = build(load(recipe))
     assert all(experiment.family.kind in learner.kinds for learner in experiment.learners.values())
     if recipe == "noisy_regression":  # the tuned ridges tune on the recipe's own task family
         assert experiment.learners["const_rr"].tuning.family.noise == (1.0, 3.0, 5.0)

@@ -12,10 +12,9 @@ episodes drawn from their own family with their own seed, so a recipe needs no s
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import math
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import torch
 
@@ -24,29 +23,13 @@ from metaopt.episodes import Episode
 from metaopt.learners.base import Example, Learner
 from metaopt.learners.solvers import LinearSolver, Ridge
 from metaopt.metrics import ridge_weights
+from metaopt.seeds import SeedPlan
 from metaopt.tasks.base import TaskFamily
 from metaopt.tasks.noisy import NoisyLinearRegression
 from metaopt.tasks.regression import LinearRegression
 
 DEFAULT_LAMBDAS = tuple(round(10 ** (e / 4), 6) for e in range(-12, 13))  # 1e-3 .. 1e3, 4 per decade
-TUNING_SEED = 3_000_017  # differs from the compare and training seeds derived from a recipe's seed
-
-
-def family_from_spec(family: TaskFamily | Mapping[str, Any], owner: str) -> TaskFamily:
-    """A task family given as an instance or as ``{"_target_": "metaopt.tasks.X", **kwargs}`` (a recipe's ``task``)."""
-    if isinstance(family, TaskFamily):
-        return family
-    if not isinstance(family, Mapping) or "_target_" not in family:
-        raise ValueError(
-            f"{owner}: family must be a TaskFamily or a mapping with a _target_ (in a recipe: family: ${{task}}); "
-            f"got {family!r}"
-        )
-    kwargs = {k: v for k, v in family.items() if k != "_target_"}
-    module, _, name = str(family["_target_"]).rpartition(".")
-    built = getattr(importlib.import_module(module), name)(**kwargs)
-    if not isinstance(built, TaskFamily):
-        raise ValueError(f"{owner}: family _target_ {family['_target_']!r} is not a TaskFamily")
-    return built
+TUNING_SEED = SeedPlan().tuning  # recipes pass their own: seed: ${seed:tuning}
 
 
 class HeldOutTuning:
@@ -58,14 +41,17 @@ class HeldOutTuning:
     """
 
     def __init__(
-        self, family: TaskFamily | Mapping[str, Any], support: int | Sequence[int], num_tasks: int, query: int,
+        self, family: TaskFamily, support: int | Sequence[int], num_tasks: int, query: int,
         seed: int, owner: str,
     ) -> None:
         sizes = ((positive_int("support", support, owner=owner),) if isinstance(support, int)
                  else sequence_of("support", support, positive_int, owner=owner))
         positive_int("num_tasks", num_tasks, owner=owner)
         positive_int("query", query, owner=owner)
-        self.family = family_from_spec(family, owner)
+        if not isinstance(family, TaskFamily):
+            raise ValueError(f"{owner}: family must be a TaskFamily (in a recipe, a _target_ block such as "
+                             f"family: ${{task}}); got {type(family).__name__}")
+        self.family = family
         self.support_sizes, self.num_tasks, self.query, self.seed = sorted(set(sizes)), num_tasks, query, seed
 
     def best(self, candidates: Sequence[Learner]) -> dict[int, int]:
@@ -89,7 +75,7 @@ class TunedRidge(LinearSolver):
     """ConstRR: ridge with the λ from ``lams`` that fits held-out tasks of ``family`` best (one λ for all tasks).
 
     Args:
-        family: the task family (or a recipe's ``task`` mapping, ``family: ${task}``) to tune on.
+        family: the task family to tune on (in a recipe, ``family: ${task}`` builds the recipe's own).
         lams: candidate penalties (unnormalised, as in ``Ridge``).
         support: support size(s) to tune at; with several, each k uses the λ of the nearest one.
         num_tasks, query, seed: the held-out tuning episodes.
@@ -101,7 +87,7 @@ class TunedRidge(LinearSolver):
         return Example(cls(family, lams=(0.1, 1.0), support=5, num_tasks=8, query=2), family)
 
     def __init__(
-        self, family: TaskFamily | Mapping[str, Any], lams: Sequence[float] = DEFAULT_LAMBDAS,
+        self, family: TaskFamily, lams: Sequence[float] = DEFAULT_LAMBDAS,
         support: int | Sequence[int] = 20, num_tasks: int = 2000, query: int = 10, seed: int = TUNING_SEED,
     ) -> None:
         super().__init__()
@@ -173,7 +159,7 @@ class TunedAdaptiveRidge(LinearSolver):
         return Example(cls(family, multipliers=(1.0,), caps=(1.0, 10.0), support=5, num_tasks=8, query=2), family)
 
     def __init__(
-        self, family: TaskFamily | Mapping[str, Any],
+        self, family: TaskFamily,
         multipliers: Sequence[float] = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0),
         caps: Sequence[float] = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
         support: int | Sequence[int] = 20, num_tasks: int = 2000, query: int = 10, seed: int = TUNING_SEED,
@@ -225,4 +211,4 @@ class OracleRidge(Learner):
         return (episode.x_query.flatten(2) @ ridge_weights(xs, ys, lam)).reshape(episode.y_query.shape)
 
 
-__all__ = ["TunedRidge", "AdaptiveRidge", "TunedAdaptiveRidge", "OracleRidge", "family_from_spec", "DEFAULT_LAMBDAS"]
+__all__ = ["TunedRidge", "AdaptiveRidge", "TunedAdaptiveRidge", "OracleRidge", "DEFAULT_LAMBDAS"]

@@ -14,7 +14,7 @@ their own family and seed, like ``TunedRidge``, so a recipe needs no separate tu
 from __future__ import annotations
 
 import itertools
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import torch
 
@@ -72,7 +72,7 @@ class TunedGradientDescent(LinearSolver):
     """``steps`` of GD with the lr from ``lrs`` that fits held-out tasks of ``family`` best.
 
     Args:
-        family: the task family (or a recipe's ``task`` mapping, ``family: ${task}``) to tune on.
+        family: the task family to tune on (in a recipe, ``family: ${task}`` builds the recipe's own).
         steps: GD steps from w = 0.
         lrs: candidate step sizes (update ``w ← w − lr (1/k) Xᵀ(Xw − y)``).
         support: support size(s) to tune at; with several, each k uses the lr of the nearest one.
@@ -85,7 +85,7 @@ class TunedGradientDescent(LinearSolver):
         return Example(cls(family, lrs=(0.1, 0.5), support=5, num_tasks=8, query=2), family)
 
     def __init__(
-        self, family: TaskFamily | Mapping[str, Any], steps: int = 1, lrs: Sequence[float] = DEFAULT_LRS,
+        self, family: TaskFamily, steps: int = 1, lrs: Sequence[float] = DEFAULT_LRS,
         support: int | Sequence[int] = 10, num_tasks: int = 2000, query: int = 10, seed: int = TUNING_SEED,
     ) -> None:
         super().__init__()
@@ -123,7 +123,7 @@ class TunedGDPlusPlus(Learner):
         return Example(cls(family, lrs=(0.1, 0.5), gammas=(0.0, 0.1), support=5, num_tasks=8, query=2), family)
 
     def __init__(
-        self, family: TaskFamily | Mapping[str, Any], steps: int = 1, lrs: Sequence[float] = GDPP_LRS,
+        self, family: TaskFamily, steps: int = 1, lrs: Sequence[float] = GDPP_LRS,
         gammas: Sequence[float] = DEFAULT_GAMMAS, support: int | Sequence[int] = 10, num_tasks: int = 2000,
         query: int = 10, seed: int = TUNING_SEED,
     ) -> None:

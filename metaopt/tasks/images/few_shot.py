@@ -67,6 +67,7 @@ class FewShotImages(LayoutSizes, TaskFamily):
         self.layout = FewShotLayout(ways, shots, queries, unlabeled_per_class)
         self.split = check_split("FewShotImages", split)
         self.rotations = bool(rotations)
+        self.base_source = source
         self.source = RotatedClasses(source) if self.rotations else source
         self.image_size = _image_size(image_size)
         available = self.source.num_classes(split)
@@ -81,6 +82,18 @@ class FewShotImages(LayoutSizes, TaskFamily):
                 f"FewShotImages: shots + queries + unlabeled_per_class = {per_class} images per class, but a "
                 f"class of split {split!r} has only {have}; expected at most {have}"
             )
+
+    def replace(self, **changes: object) -> "FewShotImages":
+        """The same family with some of ``ways``, ``shots``, ``queries``, ``split``, ``unlabeled_per_class`` changed
+        (e.g. more ways for a continual-learning sequence of several tasks); the image source is shared."""
+        layout = self.layout
+        current = {"ways": layout.ways, "shots": layout.shots, "queries": layout.queries, "split": self.split,
+                   "unlabeled_per_class": layout.unlabeled_per_class}
+        unknown = sorted(set(changes) - set(current))
+        if unknown:
+            raise ValueError(f"FewShotImages.replace: unknown argument(s) {unknown}; expected some of {list(current)}")
+        return FewShotImages(self.base_source, **(current | changes), rotations=self.rotations,
+                             image_size=self.image_size)
 
     def _sample(self, num_tasks: int, support: int, query: int, generator: torch.Generator) -> Episode:
         self.layout.check(type(self).__name__, support, query)

@@ -1,0 +1,165 @@
+"""The experiment pipeline: ``load`` → ``validate`` → ``build`` → ``run``, one path for every recipe.
+
+A recipe's ``pipeline:`` key picks its kind from :data:`PIPELINES`, a plain mapping from name to
+:class:`Pipeline` (the schema the recipe is merged onto, a load-time check, a builder and an executor).
+``metaopt run`` and ``metaopt.run(...)`` are the same call::
+
+    import metaopt
+    result = metaopt.run("quickstart", ["train.steps=200", "wandb.mode=disabled"])
+    result.comparison.value("transformer", 10)        # the compared metric, as in results.json
+    result.path                                       # the run folder
+
+Every setting is checked when the recipe is loaded and every component is built before the run folder
+is made, so bad input fails at once and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from metaopt.allocator import keep_freed_memory
+from metaopt.config import CommonSettings, ConfigError, find_recipe, merge, read_recipe, settings, to_yaml
+from metaopt.log import CONFIG_FILE, Run
+from metaopt.pipelines import episodes, optimizer
+from metaopt.seeds import SeedPlan
+
+__all__ = ["PIPELINES", "Pipeline", "RunResult", "build", "load", "load_run", "run"]
+
+logger = logging.getLogger("metaopt")
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """One kind of experiment: its recipe schema and its three steps."""
+
+    schema: type
+    validate: Callable[[DictConfig, str], None]
+    build: Callable[[DictConfig], Any]
+    execute: Callable[..., dict[str, Any]]
+
+
+PIPELINES: dict[str, Pipeline] = {
+    "episodes": Pipeline(episodes.EpisodeRecipe, episodes.validate, episodes.build, episodes.execute),
+    "optimizer": Pipeline(optimizer.OptimizerRecipe, optimizer.validate, optimizer.build, optimizer.execute),
+}
+
+
+@dataclass
+class RunResult:
+    """What a run produced: its folder, its resolved config, and the pipeline's results.
+
+    For ``episodes`` recipes ``results`` holds ``comparison`` (a :class:`metaopt.compare.Comparison`) and
+    ``evaluations`` (what each ``evaluate:`` hook returned); for ``optimizer`` recipes it is the content
+    of ``results.json``.
+    """
+
+    path: Path
+    config: DictConfig
+    results: dict[str, Any]
+
+    @property
+    def comparison(self):
+        """The comparison of an ``episodes`` run."""
+        if "comparison" not in self.results:
+            raise AttributeError(f"a {self.config.pipeline!r} run has no comparison; see .results")
+        return self.results["comparison"]
+
+
+def _kind(data: dict | DictConfig, source: str) -> Pipeline:
+    kind = data.get("pipeline", "episodes")
+    if kind not in PIPELINES:
+        raise ConfigError(f"{source}: pipeline={kind!r} is not allowed; expected one of {list(PIPELINES)}")
+    return PIPELINES[kind]
+
+
+def validate(raw: dict | DictConfig, overrides: Sequence[str] = (), source: str = "recipe") -> DictConfig:
+    """A raw recipe mapping and overrides, merged onto its kind's schema and checked."""
+    kind = _kind(raw, source)
+    config = merge(kind.schema, raw, overrides, source)
+    common = {f.name: config[f.name] for f in dataclasses.fields(CommonSettings) if f.name != "wandb"}
+    settings(common, CommonSettings, "")
+    kind.validate(config, source)
+    return config
+
+
+def load(recipe: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load a recipe (a bundled name or a path), apply ``key=value`` overrides and check every setting."""
+    path = find_recipe(recipe)
+    data = read_recipe(path)
+    for name in data.get("learners") or {}:
+        if not isinstance(name, str):
+            raise ConfigError(f"{path}: learner name {name!r} is not a string; YAML reads null, true or 1 as "
+                              "other types, so quote it (e.g. 'null':) or rename it")
+    return validate(data, overrides, source=str(path))
+
+
+def load_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[DictConfig, Path]:
+    """The resolved config of an existing run folder, with overrides applied and checked."""
+    path = Path(run_dir)
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise ConfigError(f"{path} is not a run folder (no {CONFIG_FILE}); pass a folder made by `metaopt run`")
+    return validate(OmegaConf.load(config_file), overrides, source=str(config_file)), path
+
+
+def build(config: DictConfig) -> Any:
+    """Every component of a loaded recipe, built and checked (the learners' initial weights from the seed plan)."""
+    torch.manual_seed(SeedPlan(config.seed).init)  # learners' initial meta-parameters are part of the experiment
+    return PIPELINES[config.pipeline].build(config)
+
+
+def _open_run(config: DictConfig, path: Path | None) -> Run:
+    common: CommonSettings = config  # the keys every schema shares
+    run = Run.open(common.name, OmegaConf.to_container(config, resolve=True), config.wandb,
+                   root=common.output_dir, path=path)
+    run.write_config(to_yaml(config))
+    return run
+
+
+def run(
+    recipe: str | Path | DictConfig | None,
+    overrides: Sequence[str] = (),
+    *,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    train: bool = True,
+) -> RunResult:
+    """Run a recipe end to end and return its results.
+
+    Args:
+        recipe: a bundled recipe's name, a YAML path, or a config from :func:`load` (None with ``run_dir``).
+        overrides: ``key=value`` strings (omegaconf dot-list syntax), e.g. ``["train.steps=200"]``.
+        run_dir: an existing run folder to continue (with ``resume``) or re-compare (with ``train=False``);
+            its saved config is the recipe then. None makes a new folder under ``output_dir``.
+        resume: continue training from the run folder's latest checkpoints (bit-for-bit).
+        train: False loads the trained learners from the run folder's checkpoints and only compares.
+
+    Raises:
+        ConfigError: a bad setting (before any work is done or any folder made).
+        metaopt.train.DivergenceError: training produced a non-finite loss (``train.on_nonfinite=stop``).
+    """
+    if run_dir is not None:
+        config, path = load_run(run_dir, overrides)
+    elif isinstance(recipe, DictConfig):
+        config, path = validate(recipe, overrides), None
+    elif recipe is not None:
+        config, path = load(recipe, overrides), None
+    else:
+        raise ConfigError("run needs a recipe (a name, a YAML path or a loaded config) or a run_dir")
+    if (resume or not train) and path is None:
+        raise ConfigError("resume=True and train=False need run_dir, the folder of the run to continue")
+    experiment = build(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    keep_freed_memory()  # large activations reuse freed memory instead of fresh pages (metaopt/allocator.py)
+    with _open_run(config, path) as opened:
+        logger.info("run folder: %s", opened.path)
+        results = PIPELINES[config.pipeline].execute(experiment, opened, resume=resume, train=train)
+    return RunResult(opened.path, config, results)

@@ -1,0 +1,252 @@
+"""The ``episodes`` pipeline: meta-train a recipe's learners on a task family, then compare them on the same episodes.
+
+1. ``validate`` (at load time): every section as its settings dataclass, every ``_target_`` importable with
+   the arguments given, claims about learners and support sizes the comparison has, ``evaluate:`` hooks
+   that take what they are given;
+2. ``build``: the task family, the evaluation family and the learners;
+3. ``execute``: meta-train every learner with meta-parameters (resuming from checkpoints), or load them,
+   compare all of them, report, then run the ``evaluate:`` hooks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from metaopt import compare as comparing
+from metaopt.analysis.suite import parse_analyses
+from metaopt.analysis.tracking import plot_tracked, sensitivity_references, sensitivity_tracker
+from metaopt.compare import ClaimSpec, CompareSettings, Comparison
+from metaopt.config import (
+    CommonSettings, ConfigError, build_instance, check_spec, import_target, plain, settings,
+)
+from metaopt.learners.base import Learner
+from metaopt.log import Run
+from metaopt.seeds import SeedPlan
+from metaopt.tasks.base import TaskFamily
+from metaopt.train import MetaTrainer, TrainSettings
+
+__all__ = ["EpisodeRecipe", "EpisodeExperiment", "HOOK_ARGUMENTS", "build", "execute", "validate"]
+
+logger = logging.getLogger(__name__)
+
+HOOK_ARGUMENTS = ("learners", "family", "train_family", "run", "seeds", "device")
+"""What an ``evaluate:`` hook may take by name, besides its options: the built learners (trained), the
+evaluation family, the training family, the :class:`metaopt.log.Run`, the run's :class:`metaopt.seeds.SeedPlan`
+and the device."""
+
+
+@dataclass
+class EpisodeRecipe(CommonSettings):
+    """A recipe of learners on episodes: ``task`` and ``learners`` are ``_target_`` blocks (a learner may add
+    its own ``train:`` block over ``train``); ``evaluate`` lists extra evaluations run after the comparison,
+    ``_target_`` callables that take any of :data:`HOOK_ARGUMENTS` by name plus their options."""
+
+    task: dict[str, Any] = field(default_factory=dict)
+    learners: dict[str, Any] = field(default_factory=dict)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    compare: CompareSettings = field(default_factory=CompareSettings)
+    claims: list[ClaimSpec] = field(default_factory=list)
+    evaluate: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class EpisodeExperiment:
+    """A recipe's built components: ``family`` trains, ``eval_family`` (often the same) is compared on."""
+
+    config: DictConfig
+    family: TaskFamily
+    eval_family: TaskFamily
+    learners: dict[str, Learner]
+    train: dict[str, TrainSettings]
+    compare: CompareSettings
+    claims: list[ClaimSpec]
+    evaluations: list[tuple[Callable, dict[str, Any]]]
+
+    @property
+    def seeds(self) -> SeedPlan:
+        return SeedPlan(self.config.seed)
+
+
+# ---------------------------------------------------------------------- validation (load time)
+def train_settings(config: DictConfig, learner: str) -> TrainSettings:
+    """The training settings of one learner: ``train`` with the learner's own ``train:`` block on top."""
+    own = config.learners[learner].get("train")
+    where = f"learners.{learner}.train" if own is not None else "train"
+    try:
+        merged = OmegaConf.merge(config.train, own) if own is not None else config.train
+    except Exception as error:  # an omegaconf key or type error in the learner's block
+        raise ConfigError(f"{where}: {str(error).splitlines()[0]}") from error
+    return settings(merged, TrainSettings, where)
+
+
+def evaluation_task_spec(config: DictConfig) -> DictConfig:
+    """The task spec compare evaluates on: ``compare.task`` merged over ``task`` (its ``_target_`` replaces it)."""
+    if "_target_" in config.compare.task:
+        return config.compare.task
+    return OmegaConf.merge(config.task, config.compare.task)
+
+
+def _hook(spec: DictConfig, where: str) -> tuple[Callable, dict[str, Any]]:
+    """An ``evaluate:`` entry as (callable, options), refusing one that cannot be called with what it gets."""
+    if "_target_" not in spec:
+        raise ConfigError(f"{where} needs a _target_ naming a callable fn(learners=..., run=..., **options)")
+    options = plain(spec)
+    path = options.pop("_target_")
+    target = import_target(path, where)
+    parameters = inspect.signature(target).parameters
+    unknown = [key for key in options if key not in parameters]
+    needed = [n for n, p in parameters.items() if p.default is inspect.Parameter.empty
+              and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in options]
+    missing = [n for n in needed if n not in HOOK_ARGUMENTS]
+    if unknown or missing:
+        problem = f"does not take {unknown}" if unknown else f"needs {missing}"
+        raise ConfigError(f"{where}: {path} {problem}; an evaluate hook takes its options and any of "
+                          f"{list(HOOK_ARGUMENTS)} by name (it takes {list(parameters)})")
+    return target, options
+
+
+def validate(config: DictConfig, source: str) -> None:
+    """Every check that needs no built component: sections, ``_target_`` arguments, claims, hooks."""
+    if "_target_" not in config.task:
+        raise ConfigError(f"{source}: task needs a _target_ (e.g. metaopt.tasks.LinearRegression)")
+    check_spec(config.task, "task")
+    if not config.learners:
+        raise ConfigError(f"{source}: learners is empty; name at least one learner with a _target_")
+    for name, spec in config.learners.items():
+        if not isinstance(spec, DictConfig) or "_target_" not in spec:
+            raise ConfigError(f"{source}: learners.{name} needs a _target_ (e.g. metaopt.learners.Ridge)")
+        check_spec({k: v for k, v in spec.items() if k != "train"}, f"learners.{name}")
+        train_settings(config, name)
+    compare = settings(config.compare, CompareSettings, "compare")
+    for i, claim in enumerate(config.claims):
+        try:
+            settings(claim, ClaimSpec, f"claims[{i}]").check_names(list(config.learners), compare.support_sizes)
+        except ValueError as error:
+            message = str(error)
+            raise ConfigError(message if message.startswith(f"claims[{i}]") else f"claims[{i}].{message}") from error
+    for i, spec in enumerate(config.evaluate):
+        _hook(spec, f"evaluate[{i}]")
+
+
+# ---------------------------------------------------------------------- build
+def build(config: DictConfig) -> EpisodeExperiment:
+    """Instantiate the task family and every learner; refuse learners that do not fit the family."""
+    family = build_instance(config.task, "task", TaskFamily)
+    eval_family = family
+    if config.compare.task:
+        eval_family = build_instance(evaluation_task_spec(config), "compare.task", TaskFamily)
+        if eval_family.kind != family.kind:
+            raise ConfigError(f"compare.task gives {eval_family.kind!r} episodes but task gives {family.kind!r}")
+    learners: dict[str, Learner] = {}
+    train: dict[str, TrainSettings] = {}
+    for name, spec in config.learners.items():
+        learner = build_instance({k: v for k, v in spec.items() if k != "train"}, f"learners.{name}", Learner)
+        if family.kind not in learner.kinds:
+            raise ConfigError(
+                f"learners.{name} ({type(learner).__name__}) handles {list(learner.kinds)} episodes, but "
+                f"task {type(family).__name__} produces {family.kind!r} episodes"
+            )
+        learners[name] = learner
+        if learner.is_trainable:
+            train[name] = train_settings(config, name)
+            try:
+                train[name].check_family(family)
+            except ValueError as error:
+                raise ConfigError(f"train.curriculum of learner {name!r}: {error}") from error
+    claims = [settings(claim, ClaimSpec, f"claims[{i}]") for i, claim in enumerate(config.claims)]
+    evaluations = [_hook(spec, f"evaluate[{i}]") for i, spec in enumerate(config.evaluate)]
+    return EpisodeExperiment(config, family, eval_family, learners, train,
+                             settings(config.compare, CompareSettings, "compare"), claims, evaluations)
+
+
+# ---------------------------------------------------------------------- execution
+def _trainer(experiment: EpisodeExperiment, name: str, run: Run | None) -> MetaTrainer:
+    config = experiment.config
+    return MetaTrainer(experiment.learners[name], experiment.family, experiment.train[name], name=name,
+                       seed=config.seed, device=config.device, run=run, progress=config.progress,
+                       on_validate=_validation_hooks(experiment, name))
+
+
+def _validation_hooks(experiment: EpisodeExperiment, name: str) -> list:
+    """With ``compare.analysis`` asking for ``sensitivity``, track it against the explicit solvers during training."""
+    names = {analysis.name for analysis in parse_analyses(experiment.compare.analysis)}
+    references = sensitivity_references(experiment.learners[name], experiment.learners)
+    if "sensitivity" not in names or not references:
+        return []
+    return [sensitivity_tracker(references)]
+
+
+def _train_all(experiment: EpisodeExperiment, run: Run, resume: bool) -> None:
+    """Meta-train every learner that has meta-parameters, continuing from checkpoints when resuming."""
+    for name in experiment.train:
+        trainer = _trainer(experiment, name, run)
+        if resume and trainer.resume() and trainer.step >= trainer.steps:
+            logger.info("%s already trained (%d steps)", name, trainer.step)
+            continue
+        result = trainer.fit()
+        tracked = plot_tracked(trainer.history, title=name)
+        if tracked is not None:
+            run.save_figure(tracked, f"sensitivity_vs_step_{name}")
+        run.summary({f"{name}/final_loss": result.final_loss, f"{name}/val_loss": result.val_loss,
+                     f"{name}/train_seconds": result.seconds, f"{name}/steps": result.steps})
+
+
+def _load_trained(experiment: EpisodeExperiment, run: Run) -> None:
+    """Load each trainable learner's final checkpoint from a finished run."""
+    for name in experiment.train:
+        path = MetaTrainer.latest_checkpoint(run.checkpoint_dir / name)
+        if path is None:
+            raise ConfigError(f"{run.path} has no checkpoint for learner {name!r}; run `metaopt resume {run.path}`")
+        state = torch.load(path, map_location="cpu", weights_only=False)["learner"]
+        experiment.learners[name].load_state_dict(state)
+
+
+def _compare_and_report(experiment: EpisodeExperiment, run: Run) -> Comparison:
+    config, c = experiment.config, experiment.compare
+    result = comparing.compare(
+        experiment.learners, experiment.eval_family, support_sizes=c.support_sizes, num_tasks=c.num_tasks,
+        query=c.query, seed=experiment.seeds.comparison, bootstrap=c.bootstrap, chunk_size=c.chunk_size,
+        device=config.device, claims=experiment.claims, progress=config.progress, analysis=c.analysis,
+    )
+    results_path = run.save_json(result.to_dict(), "results")
+    figure_path = run.save_figure(comparing.plot(result, title=config.name), f"{result.metric}_vs_k")
+    analysis_figure = comparing.plot_similarity(result, title=config.name)
+    if analysis_figure is not None:
+        figure_path = f"{figure_path}\n         {run.save_figure(analysis_figure, 'analysis_vs_k')}"
+    k_last = result.support_sizes[-1]
+    run.summary({f"compare/{name}/{result.metric}@k={k_last}": curve.mean[-1] for name, curve in result.curves.items()})
+    for i, k in enumerate(result.support_sizes):
+        run.log({f"compare/{name}/{result.metric}": curve.mean[i] for name, curve in result.curves.items()}
+                | {"compare/k": k})
+    print(comparing.format_table(result))
+    print(f"\nresults: {results_path}\nplot:    {figure_path}\nrun:     {run.path}")
+    return result
+
+
+def _evaluate(experiment: EpisodeExperiment, run: Run) -> dict[str, Any]:
+    """The recipe's ``evaluate:`` hooks, each given its options and the arguments it names."""
+    available = {"learners": experiment.learners, "family": experiment.eval_family,
+                 "train_family": experiment.family, "run": run, "seeds": experiment.seeds,
+                 "device": experiment.config.device}
+    results = {}
+    for i, (target, options) in enumerate(experiment.evaluations):
+        parameters = inspect.signature(target).parameters
+        given = {name: value for name, value in available.items() if name in parameters and name not in options}
+        results[f"{i}:{getattr(target, '__name__', 'evaluate')}"] = target(**given, **options)
+    return results
+
+
+def execute(experiment: EpisodeExperiment, run: Run, *, resume: bool = False, train: bool = True) -> dict[str, Any]:
+    """Train (or load), compare, report and evaluate; returns ``{"comparison": ..., "evaluations": ...}``."""
+    if train:
+        _train_all(experiment, run, resume)
+    else:
+        _load_trained(experiment, run)
+    comparison = _compare_and_report(experiment, run)
+    return {"comparison": comparison, "evaluations": _evaluate(experiment, run)}

@@ -1,0 +1,445 @@
+"""The ``optimizer`` pipeline: meta-train optimizers on training environments (Kristiansen et al. 2024).
+
+Where the ``episodes`` pipeline trains learners on episodes and compares them, this one meta-trains
+*optimizers* and compares them by the loss curves they produce. Every piece is a ``_target_`` entry of the
+recipe: the environments (:mod:`metaopt.environments`, or any callable returning an
+:class:`optimizers.Environment`), the hand-designed baselines (partial optimizers whose learning rate is
+grid-tuned), the learned optimizers (any ``nn.Module`` with an ``.optimizer`` factory, e.g.
+:class:`optimizers.LayerwiseMixture`) and the meta-gradient estimator.
+
+1. build the environments; the first one is where baselines are tuned and optimizers meta-trained, and its
+   ``horizon`` is T;
+2. tune each baseline's learning rate by grid search on the first environment at T;
+3. build each learned optimizer (given ``layers`` — one per linear layer — ``horizon`` and the tuned rates
+   as ``base_lrs`` when it takes them) and meta-train it with the estimator and budget of ``meta_train``;
+4. evaluate every optimizer on every environment for ``horizon_factor`` × T steps, averaged over fresh seeds,
+   and count the steps each needs to reach the reference baseline's final loss at T and at ``horizon_factor`` × T;
+5. write ``results.json``, the loss curves and the per-layer coefficient heat-map (``figures/*.png``), the
+   meta-trained optimizers (``checkpoints/*.pt``) and everything to W&B through :class:`metaopt.log.Run`.
+
+Learning rates are constant, so the first ``T`` steps of a ``2T`` run are the ``T``-step run: one run of ``2T``
+steps gives both horizons. Seeds come from the run's :class:`metaopt.seeds.SeedPlan`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+import optimizers as O
+from metaopt.checks import positive_float, positive_int, sequence_of
+from metaopt.config import (
+    CommonSettings, ConfigError, build_instance, check_spec, import_target, instantiate, plain, settings,
+)
+from metaopt.log import Run
+from metaopt.seeds import SeedPlan, generator
+from optimizers.environments import Environment, OptimizerFactory
+
+__all__ = [
+    "BaselineSettings",
+    "EvaluationSettings",
+    "LrSearch",
+    "MetaTrainSettings",
+    "OptimizerExperiment",
+    "OptimizerRecipe",
+    "build",
+    "execute",
+    "format_table",
+    "meta_train",
+    "steps_to_reach",
+    "tune_learning_rate",
+    "validate",
+]
+
+logger = logging.getLogger(__name__)
+
+RUNTIME_ARGUMENTS = ("layers", "horizon", "base_lrs")
+"""What the pipeline gives a learned optimizer's constructor, when it takes them: the first environment's
+layers (one per linear layer), its horizon T, and the tuned baseline learning rates (``meta_train.tuned_base_lrs``)."""
+
+
+# ---------------------------------------------------------------------- the recipe's schema
+@dataclass
+class BaselineSettings:
+    """A hand-designed optimizer (a ``_partial_`` ``_target_`` taking the learning rate first) and its grid."""
+
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    lrs: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.lrs:
+            raise ValueError("lrs must be a non-empty list of learning rates > 0; got []")
+        sequence_of("lrs", self.lrs, positive_float, owner=type(self).__name__)
+
+
+@dataclass
+class TuningSettings:
+    """Grid search of the baselines on the first environment: seeds per rate; the reference baseline."""
+
+    seeds: int = 2
+    reference: str = "adam"
+
+    def __post_init__(self) -> None:
+        positive_int("seeds", self.seeds, owner=type(self).__name__)
+
+
+@dataclass
+class MetaTrainSettings:
+    """Meta-training of every learned optimizer: the estimator (a ``_target_``) and the outer Adam."""
+
+    estimator: dict[str, Any] = field(
+        default_factory=lambda: {"_target_": "optimizers.AntitheticES", "sigma": 0.01, "pairs": 4})
+    steps: int = 100
+    lr: float = 1e-2
+    grad_clip: float = 1.0
+    tuned_base_lrs: bool = True  # learned optimizers taking base_lrs get the baselines' tuned learning rates
+
+    def __post_init__(self) -> None:
+        positive_int("steps", self.steps, owner=type(self).__name__)
+        positive_float("lr", self.lr, owner=type(self).__name__)
+        positive_float("grad_clip", self.grad_clip, owner=type(self).__name__)
+
+
+@dataclass
+class EvaluationSettings:
+    """Evaluation runs: seeds per optimizer and environment; horizons are T and ``horizon_factor`` × T."""
+
+    seeds: int = 3
+    horizon_factor: int = 2
+
+    def __post_init__(self) -> None:
+        for key in ("seeds", "horizon_factor"):
+            positive_int(key, getattr(self, key), owner=type(self).__name__)
+
+
+@dataclass
+class OptimizerRecipe(CommonSettings):
+    """An optimizer experiment (see the module docstring). ``environment`` holds values the entries of
+    ``environments`` share by interpolation (``hidden: ${environment.hidden}``)."""
+
+    pipeline: str = "optimizer"
+    environment: dict[str, Any] = field(default_factory=dict)
+    environments: dict[str, Any] = field(default_factory=dict)
+    baselines: dict[str, BaselineSettings] = field(default_factory=dict)
+    tuning: TuningSettings = field(default_factory=TuningSettings)
+    learned: dict[str, Any] = field(default_factory=dict)
+    meta_train: MetaTrainSettings = field(default_factory=MetaTrainSettings)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+
+
+@dataclass
+class OptimizerExperiment:
+    """A recipe's built pieces; learned optimizers are built after tuning (they may take the tuned rates)."""
+
+    config: DictConfig
+    environments: dict[str, Environment]
+    baselines: dict[str, Callable[[float], O.GradientTransformation]]
+    grids: dict[str, list[float]]
+    tuning: TuningSettings
+    learned: dict[str, dict[str, Any]]
+    estimator: Callable[[], O.GradientEstimator]  # a fresh estimator per learned optimizer (PES keeps state)
+    meta_train: MetaTrainSettings
+    evaluation: EvaluationSettings
+
+    @property
+    def seeds(self) -> SeedPlan:
+        return SeedPlan(self.config.seed)
+
+
+def _runtime_arguments(target: Callable) -> list[str]:
+    parameters = inspect.signature(target).parameters
+    return [name for name in RUNTIME_ARGUMENTS if name in parameters]
+
+
+def validate(config: DictConfig, source: str) -> None:
+    """Every check that needs nothing built: the ``_target_`` entries and their arguments, the settings."""
+    if not config.environments:
+        raise ConfigError(f"{source}: environments is empty; name at least one with a _target_ "
+                          "(e.g. metaopt.environments.digits_finetuning)")
+    for name, spec in config.environments.items():
+        check_spec(spec, f"environments.{name}")
+    if not config.baselines:
+        raise ConfigError(f"{source}: baselines is empty; the reference baseline must be one of them")
+    for name, spec in config.baselines.items():
+        baseline = settings(spec, BaselineSettings, f"baselines.{name}")
+        check_spec({**baseline.optimizer, "_partial_": True}, f"baselines.{name}.optimizer")
+    tuning = settings(config.tuning, TuningSettings, "tuning")
+    if tuning.reference not in config.baselines:
+        raise ConfigError(f"{source}: tuning.reference={tuning.reference!r} is not one of the baselines "
+                          f"{list(config.baselines)}")
+    for name, spec in config.learned.items():
+        if not isinstance(spec, DictConfig) or "_target_" not in spec:
+            raise ConfigError(f"learned.{name} needs a _target_ (e.g. optimizers.LayerwiseMixture)")
+        target = import_target(spec["_target_"], f"learned.{name}")
+        check_spec(spec, f"learned.{name}", supplied=[a for a in _runtime_arguments(target) if a not in spec])
+    meta_train = settings(config.meta_train, MetaTrainSettings, "meta_train")
+    estimator = import_target(meta_train.estimator.get("_target_"), "meta_train.estimator")
+    if not (isinstance(estimator, type) and issubclass(estimator, O.GradientEstimator)):
+        raise ConfigError(f"meta_train.estimator._target_ must be an optimizers.GradientEstimator (AntitheticES, PES, "
+                          f"TruncatedBackprop, FullBackprop); got {meta_train.estimator['_target_']!r}")
+    check_spec(meta_train.estimator, "meta_train.estimator")
+    settings(config.evaluation, EvaluationSettings, "evaluation")
+
+
+def build(config: DictConfig) -> OptimizerExperiment:
+    """The environments, the baselines' factories and the estimator; learned optimizers stay specs until tuned."""
+    environments = {name: build_instance(spec, f"environments.{name}", Environment)
+                    for name, spec in config.environments.items()}
+    baselines, grids = {}, {}
+    for name, spec in config.baselines.items():
+        baseline = settings(spec, BaselineSettings, f"baselines.{name}")
+        baselines[name] = instantiate({**baseline.optimizer, "_partial_": True}, f"baselines.{name}.optimizer")
+        grids[name] = [float(lr) for lr in baseline.lrs]
+    meta_train = settings(config.meta_train, MetaTrainSettings, "meta_train")
+    estimator = instantiate({**meta_train.estimator, "_partial_": True}, "meta_train.estimator")
+    return OptimizerExperiment(config, environments, baselines, grids, settings(config.tuning, TuningSettings, "tuning"),
+                               {name: plain(spec) for name, spec in config.learned.items()}, estimator, meta_train,
+                               settings(config.evaluation, EvaluationSettings, "evaluation"))
+
+
+# ---------------------------------------------------------------------- pieces
+@dataclass(frozen=True)
+class LrSearch:
+    """The result of :func:`tune_learning_rate`."""
+
+    best: float
+    scores: dict[float, float]  # learning rate -> mean final loss (inf when a run diverged)
+
+
+def tune_learning_rate(
+    environment: Environment,
+    make: Callable[[float], O.GradientTransformation],
+    grid: Sequence[float],
+    *,
+    steps: int,
+    seeds: Sequence[int],
+) -> LrSearch:
+    """The learning rate of ``grid`` with the lowest mean whole-set training loss after ``steps`` steps."""
+    if not grid:
+        raise ValueError("the learning-rate grid is empty; give at least one value")
+    scores = {}
+    for lr in grid:
+        finals = [float(environment.curve(lambda _, lr=lr: make(lr), None, steps, generator(s))[-1]) for s in seeds]
+        mean = sum(finals) / len(finals)
+        scores[float(lr)] = mean if math.isfinite(mean) else math.inf
+    return LrSearch(min(scores, key=scores.get), scores)
+
+
+def steps_to_reach(curve: torch.Tensor, target: float) -> int | None:
+    """The first step at which ``curve`` (loss before training, then after each step) is at or below ``target``."""
+    hits = torch.nonzero(curve <= target)
+    return int(hits[0]) if len(hits) else None
+
+
+def meta_train(
+    module: nn.Module,
+    environment: Environment,
+    estimator: O.GradientEstimator,
+    *,
+    steps: int,
+    lr: float,
+    grad_clip: float,
+    generator: torch.Generator,
+    log: Callable[[dict[str, float]], None] = lambda metrics: None,
+) -> list[float]:
+    """Meta-train ``module``'s parameters with Adam on ``estimator``'s gradients; returns the finite meta-losses.
+
+    An estimate with a non-finite loss or gradient (a perturbed inner run diverged) is logged and skipped.
+    """
+    outer = torch.optim.Adam(module.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        # 1. estimate the meta-gradient at the current meta-parameters
+        meta = {k: v.detach() for k, v in module.named_parameters()}
+        estimate = estimator.estimate(environment, module.optimizer, meta, generator=generator)
+        # 2. skip estimates spoiled by a diverged inner run; otherwise clip and step
+        finite = math.isfinite(estimate.loss) and all(torch.isfinite(g).all() for g in estimate.grads.values())
+        log({"meta_step": step, "meta_loss": estimate.loss, "skipped": float(not finite), **estimate.metrics})
+        if not finite:
+            continue
+        for name, p in module.named_parameters():
+            p.grad = estimate.grads[name].to(p.dtype)
+        torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+        outer.step()
+        losses.append(estimate.loss)
+    if not losses:
+        raise RuntimeError(f"every one of {steps} meta-gradient estimates was non-finite; lower meta_train.sigma "
+                           "or the base learning rates")
+    return losses
+
+
+def _layers(environment: Environment) -> dict[str, list[str]]:
+    """One mixture layer per linear layer: ``{"layer0": ["0.weight", "0.bias"], ...}``."""
+    names = list(environment.init(lambda _: O.sgd(0.0), None, generator(0)).params)
+    return {f"layer{i}": [f"{i}.weight", f"{i}.bias"] for i in range(len(names) // 2)}
+
+
+def _build_learned(name: str, spec: dict[str, Any], environment: Environment,
+                   tuned: dict[str, float] | None) -> nn.Module:
+    """A learned optimizer from its spec, given the runtime arguments its constructor takes."""
+    spec = dict(spec)
+    target = import_target(spec["_target_"], f"learned.{name}")
+    runtime = {"layers": _layers(environment), "horizon": environment.horizon}
+    if tuned is not None:
+        runtime["base_lrs"] = {**(spec.pop("base_lrs", None) or {}), **tuned}
+    supplied = {key: value for key, value in runtime.items() if key in _runtime_arguments(target) and key not in spec}
+    module = build_instance(spec, f"learned.{name}", nn.Module, **supplied)
+    if not callable(getattr(module, "optimizer", None)):
+        raise ConfigError(f"learned.{name}: {type(module).__name__} has no .optimizer factory; a learned optimizer "
+                          "is an nn.Module whose .optimizer(...) returns a GradientTransformation")
+    return module
+
+
+def _plot_curves(curves: dict[str, dict[str, torch.Tensor]], targets: dict[str, float], horizon: int,
+                 reference: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.8), squeeze=False)
+    for ax, (env_name, by_optimizer) in zip(axes[0], curves.items()):
+        for name, curve in by_optimizer.items():
+            ax.plot(curve.numpy(), label=name, lw=2 if name == "layerwise_mixture" else 1)
+        ax.axvline(horizon, color="grey", ls=":", lw=1)
+        ax.axhline(targets[env_name], color="black", ls="--", lw=0.8, label=f"tuned {reference} at T")
+        ax.set(title=env_name, xlabel="step", ylabel="training loss", yscale="log")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_coefficients(alphas: torch.Tensor, layers: list[str], directions: list[str], horizon: int):
+    """``alphas`` [steps, layers, directions]: one heat-map (layers × steps) per base direction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(directions), 1, figsize=(8, 1.1 + 0.9 * len(directions) * max(1, len(layers) / 3)),
+                             squeeze=False, sharex=True)
+    for b, (ax, direction) in enumerate(zip(axes[:, 0], directions)):
+        image = ax.imshow(alphas[:, :, b].T.numpy(), aspect="auto", cmap="coolwarm", interpolation="nearest")
+        ax.axvline(horizon - 0.5, color="black", ls=":", lw=1)
+        ax.set(yticks=range(len(layers)), yticklabels=layers, ylabel=direction)
+        fig.colorbar(image, ax=ax, pad=0.01)
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle("LayerwiseMixture coefficients α per layer and step")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------- the pipeline
+def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False, train: bool = True) -> dict[str, Any]:
+    """Run the whole experiment into ``run``; returns the results (also written to ``results.json``)."""
+    if resume or not train:
+        raise ConfigError("optimizer recipes run in one go: resume and re-compare are not supported; "
+                          "start a new run with `metaopt run`")
+    seeds, m, ev = experiment.seeds, experiment.meta_train, experiment.evaluation
+    environments = experiment.environments
+    first = next(iter(environments.values()))
+    horizon = first.horizon
+    long = horizon * ev.horizon_factor
+    reference = experiment.tuning.reference
+
+    # 1. tuned baselines on the first environment at T
+    tune_seeds = [seeds.baseline_tuning(i) for i in range(experiment.tuning.seeds)]
+    searches = {name: tune_learning_rate(first, make, experiment.grids[name], steps=horizon, seeds=tune_seeds)
+                for name, make in experiment.baselines.items()}
+    for name, search in searches.items():
+        logger.info("tuned %s: lr=%g (grid scores %s)", name, search.best, search.scores)
+    run.summary({f"tuned_lr/{name}": search.best for name, search in searches.items()})
+
+    # 2. meta-training (with tuned base rates, α = 1 on Adam starts the mixture at tuned Adam)
+    tuned = {name: s.best for name, s in searches.items()} if m.tuned_base_lrs else None
+    learned = {name: _build_learned(name, spec, first, tuned) for name, spec in experiment.learned.items()}
+    meta_results = {}
+    for index, (name, module) in enumerate(learned.items()):
+        start = time.perf_counter()
+        losses = meta_train(module, first, experiment.estimator(), steps=m.steps, lr=m.lr, grad_clip=m.grad_clip,
+                            generator=generator(seeds.meta_training(index)),
+                            log=lambda metrics, name=name: run.log({f"{name}/{k}": v for k, v in metrics.items()}))
+        meta_results[name] = {"first_meta_loss": losses[0], "last_meta_loss": losses[-1],
+                              "seconds": time.perf_counter() - start, "meta_steps": m.steps}
+        torch.save(module.state_dict(), run.checkpoint_dir / f"{name}.pt")
+        logger.info("meta-trained %s: meta-loss %.4f -> %.4f", name, losses[0], losses[-1])
+
+    # 3. evaluation: every optimizer on every environment for `long` steps, mean over fresh seeds
+    factories: dict[str, OptimizerFactory] = {
+        **{name: (lambda _, make=make, lr=searches[name].best: make(lr)) for name, make in experiment.baselines.items()},
+        **{name: module.optimizer for name, module in learned.items()},
+    }
+    eval_seeds = [seeds.evaluation(i) for i in range(ev.seeds)]
+    curves: dict[str, dict[str, torch.Tensor]] = {}
+    evaluation: dict[str, Any] = {}
+    with torch.no_grad():
+        for env_name, env in environments.items():
+            curves[env_name] = {
+                name: torch.stack([env.curve(factory, None, long, generator(s)) for s in eval_seeds]).mean(0)
+                for name, factory in factories.items()
+            }
+            evaluation[env_name] = _horizon_results(curves[env_name], {"T": horizon, f"{ev.horizon_factor}T": long},
+                                                    reference)
+
+    # 4. figures and results
+    for name, module in learned.items():
+        if hasattr(module, "direction_names"):  # a mixture: its coefficients per layer and step
+            alphas = []
+            first.curve(module.optimizer, None, long, generator(eval_seeds[0]),
+                        on_step=lambda s: alphas.append(s.opt_state.coefficients))
+            figure_name = "coefficients" if len(learned) == 1 or name == "layerwise_mixture" else f"coefficients_{name}"
+            run.save_figure(_plot_coefficients(torch.stack(alphas).float(), module.layer_names,
+                                               module.direction_names, horizon), figure_name)
+    run.save_figure(_plot_curves(curves, {k: float(v[reference][horizon]) for k, v in curves.items()}, horizon,
+                                 reference), "loss_curves")
+    results = {
+        "horizon": horizon,
+        "reference": reference,
+        "tuned_learning_rates": {name: {"best": s.best, "grid": s.scores} for name, s in searches.items()},
+        "meta_training": meta_results,
+        "evaluation": evaluation,
+        "curves": {env: {name: c.tolist() for name, c in by.items()} for env, by in curves.items()},
+    }
+    run.save_json(results, "results")
+    run.summary({f"{env}/{h}/{name}/steps_to_reference_final": r["steps_to_reference_final"]
+                 for env, by_h in evaluation.items() for h, rows in by_h.items()
+                 for name, r in rows["optimizers"].items()})
+    print(format_table(results))
+    print(f"\nresults: {run.path / 'results.json'}\nfigures: {run.figure_dir}")
+    return results
+
+
+def _horizon_results(curves: dict[str, torch.Tensor], horizons: dict[str, int], reference: str) -> dict[str, Any]:
+    """Per horizon: the reference's final loss, and each optimizer's final loss and steps to reach it."""
+    out = {}
+    for label, steps in horizons.items():
+        target = float(curves[reference][steps])
+        reference_steps = steps_to_reach(curves[reference][: steps + 1], target)
+        rows = {}
+        for name, curve in curves.items():
+            reached = steps_to_reach(curve[: steps + 1], target)
+            rows[name] = {"final_loss": float(curve[steps]), "steps_to_reference_final": reached,
+                          "speedup_vs_reference": None if reached is None else reference_steps / max(reached, 1)}
+        out[label] = {"steps": steps, "reference_final_loss": target, "optimizers": rows}
+    return out
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A plain-text table: final loss and steps to the tuned reference's final loss, per environment and horizon."""
+    reach = f"steps to {results['reference']}"
+    lines = [f"{'environment':<22}{'horizon':<9}{'optimizer':<20}{'final loss':>12}{reach:>15}"]
+    for env, by_h in results["evaluation"].items():
+        for label, rows in by_h.items():
+            for name, row in rows["optimizers"].items():
+                reached = "never" if row["steps_to_reference_final"] is None else str(row["steps_to_reference_final"])
+                lines.append(f"{env:<22}{label:<9}{name:<20}{row['final_loss']:>12.4f}{reached:>15}")
+    return "\n".join(lines)

@@ -26,6 +26,9 @@ purpose                seed                            used by
 =====================  ==============================  ==================================================
 
 Recipes reach the plan through the ``${seed:PURPOSE}`` resolver (registered by :mod:`metaopt.config`).
+Data that is generated item by item from its own seed (a procedural glyph class) takes ``item_seed``, so
+one item's images do not depend on which other items were drawn. (``optimizers/`` is a leaf that imports
+only torch: its environments derive each mini-batch's seed from the run's seed the same way, in place.)
 """
 
 from __future__ import annotations
@@ -36,18 +39,24 @@ import torch
 
 from metaopt.checks import non_negative_int
 
-__all__ = ["SeedPlan", "comparison_streams", "generator"]
+__all__ = ["SeedPlan", "comparison_streams", "generator", "item_seed"]
 
 VALIDATION_OFFSET = 1_000_003
 COMPARISON_OFFSET = 2_000_029
 TUNING_OFFSET = 3_000_017
 BASELINE_TUNING_OFFSET = 10_000
 EVALUATION_OFFSET = 20_000
+ITEM_STRIDE = 1_000_003
 
 
 def generator(seed: int) -> torch.Generator:
     """A CPU generator seeded with ``seed`` (episodes are drawn on the CPU and moved, so any device agrees)."""
     return torch.Generator().manual_seed(seed)
+
+
+def item_seed(seed: int, index: int) -> int:
+    """The seed of item ``index`` of a collection generated from ``seed`` (distinct for distinct pairs)."""
+    return (seed * ITEM_STRIDE + index) % 2**63
 
 
 def comparison_streams(seed: int) -> tuple[int, int, int]:

@@ -8,7 +8,7 @@ import metaopt.config  # noqa: F401  (registers the ${seed:...} resolver)
 from metaopt.compare import compare
 from metaopt.learners import LeastSquares
 from metaopt.pipelines import build, load
-from metaopt.seeds import SeedPlan, comparison_streams, generator
+from metaopt.seeds import SeedPlan, comparison_streams, generator, item_seed
 from metaopt.tasks import LinearRegression
 from metaopt.train import MetaTrainer
 from test_train import tiny_transformer
@@ -22,6 +22,7 @@ def test_the_plan_keeps_the_offsets_runs_were_made_with():
     assert [plan.meta_training(i) for i in range(2)] == [8, 9]
     assert [plan.evaluation(i) for i in range(2)] == [20_007, 20_008]
     assert comparison_streams(5) == (5, 6, 7)
+    assert item_seed(2, 5) == 2 * 1_000_003 + 5  # a glyph class's images, as they were drawn before the plan
 
 
 def test_purposes_do_not_share_a_stream():

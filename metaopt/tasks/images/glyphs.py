@@ -15,6 +15,7 @@ import math
 import torch
 
 from metaopt.checks import integer, non_negative_float, non_negative_int, positive_int, sequence_of
+from metaopt.seeds import item_seed
 from metaopt.tasks.images.source import SPLITS, ImageSource, check_split
 
 MAX_STROKES = 4
@@ -221,7 +222,7 @@ class Glyphs(ImageSource):
     def class_images(self, split: str, index: int) -> torch.Tensor:
         self._check_class(split, index)
         global_id = int(self.global_ids(split, torch.tensor(index)))
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + global_id)
+        generator = torch.Generator().manual_seed(item_seed(self.seed, global_id))
         return self.sample(split, torch.tensor([index]), self.samples_per_class, generator)[0]
 
     def __repr__(self) -> str:

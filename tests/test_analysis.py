@@ -25,6 +25,7 @@ from metaopt.analysis import (
     trace,
     untrained_copy,
 )
+from metaopt.analysis.tracking import sensitivity_references
 from metaopt.compare import compare, format_table, plot_similarity
 from metaopt.episodes import Episode
 from metaopt.learners import (
@@ -322,3 +323,11 @@ def test_a_new_learner_gets_the_analyses_its_capabilities_qualify_it_for():
     assert set(skipped["sensitivity"]) == {"tree"} and "query_gradients" in skipped["sensitivity"]["tree"]
     assert "interpolation left out undeclared" in format_table(result)
     json.dumps(result.to_dict())
+
+
+def test_sensitivity_is_tracked_against_the_fixed_explicit_learners_with_query_gradients():
+    learners = {"lsa": LinearSelfAttention(3), "gd": GradientDescent(1, 0.3), "tree": DecisionTreeBaseline(),
+                "learned_gd": GradientDescent(1, 0.3, learn_lr=True), "mine": OneStep(0.25)}
+    assert set(sensitivity_references(learners["lsa"], learners)) == {"gd"}
+    assert set(sensitivity_references(learners["mine"], learners)) == {"gd"}
+    assert sensitivity_references(learners["gd"], learners) == {}

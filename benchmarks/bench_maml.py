@@ -22,7 +22,8 @@ from benchmarks.timing import best_of
 from metaopt.episodes import Episode
 from metaopt.extras import import_learn2learn
 from metaopt.learners import MAML
-from metaopt.learners.maml import conv4, mlp
+from metaopt.learners.maml import conv4
+from metaopt.learners.mlp import mlp
 from metaopt.tasks import Sinusoid
 
 INNER_LR, INNER_STEPS = 0.01, 5

@@ -23,6 +23,7 @@ so unlabelled images and queries never change the statistics.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -33,65 +34,34 @@ from torch import Tensor, nn
 from hypernets.cnn import NUM_CONV, FunctionalCNN, LayerSpec, Params, fold, folded_conv, unfold
 from metaopt.checks import one_of, positive_int
 from metaopt.episodes import Episode
+from metaopt.learners.attention import Block, SoftmaxAttention
 from metaopt.learners.base import Example, Learner
 from metaopt.tasks.images.few_shot import FewShotImages
 
 GENERATE = ("all", "logits")
 
 
-# ---------------------------------------------------------------------- the encoder (nanoGPT-style, not causal)
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over a set of tokens; ``key_mask`` ``[T, L]`` (True = visible) hides tokens."""
-
-    def __init__(self, n_embd: int, n_head: int) -> None:
-        super().__init__()
-        self.n_head = n_head
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=False)
-        self.c_proj = nn.Linear(n_embd, n_embd, bias=False)
-
-    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        T, L, C = x.shape  # tasks, tokens, channels
-        qkv = self.c_attn(x).view(T, L, 3, self.n_head, C // self.n_head)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [T, h, L, d]
-        mask = None if key_mask is None else key_mask[:, None, None, :]  # [T, 1, 1, L], broadcast over queries
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.c_proj(y.transpose(1, 2).reshape(T, L, C))
-
-
-class MLP(nn.Module):
-    def __init__(self, n_embd: int) -> None:
-        super().__init__()
-        self.c_fc = nn.Linear(n_embd, 2 * n_embd)
-        self.c_proj = nn.Linear(2 * n_embd, n_embd)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x)))
-
-
-class Block(nn.Module):
-    """Pre-norm encoder block; ``layer_norm=False`` leaves the residual stream un-normalised (hand-set weights)."""
-
-    def __init__(self, n_embd: int, n_head: int, layer_norm: bool = True) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(n_embd) if layer_norm else nn.Identity()
-        self.attn = SelfAttention(n_embd, n_head)
-        self.ln_2 = nn.LayerNorm(n_embd) if layer_norm else nn.Identity()
-        self.mlp = MLP(n_embd)
-
-    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), key_mask)
-        return x + self.mlp(self.ln_2(x))
-
-
+# ---------------------------------------------------------------------- the encoder (not causal)
 class Encoder(nn.Module):
+    """Pre-norm transformer blocks (``metaopt.learners.attention.Block``) over a set of tokens, then a final norm.
+
+    Softmax attention without biases and an MLP of width ``2 · n_embd``; ``layer_norm=False`` leaves the
+    residual stream un-normalised (hand-set weights). ``key_mask`` ``[T, L]`` (True = visible) hides tokens
+    from every other token.
+    """
+
     def __init__(self, n_embd: int, n_head: int, n_layer: int, layer_norm: bool = True) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList([Block(n_embd, n_head, layer_norm) for _ in range(n_layer)])
-        self.ln_f = nn.LayerNorm(n_embd) if layer_norm else nn.Identity()
+        norm = nn.LayerNorm if layer_norm else nn.Identity
+        attention = functools.partial(SoftmaxAttention, bias=False)
+        self.blocks = nn.ModuleList([Block(n_embd, n_head, attn_layer=attention, mlp_ratio=2, norm_layer=norm)
+                                     for _ in range(n_layer)])
+        self.ln_f = norm(n_embd)
 
     def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # [T, 1, 1, L], broadcast over queries
         for block in self.blocks:
-            x = block(x, key_mask)
+            x = block(x, mask)
         return self.ln_f(x)
 
 

@@ -36,14 +36,13 @@ __all__ = [
     "PerParameterMLPState",
 ]
 
+
 def _mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
-    """Two hidden ReLU layers; the last layer starts at zero so the optimizer starts at its initial rule."""
-    net = nn.Sequential(
+    """Two hidden ReLU layers: the learned optimizers' network (``metaopt.learners.mlp`` is out of reach of this
+    torch-only package)."""
+    return nn.Sequential(
         nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, outputs)
     )
-    nn.init.zeros_(net[-1].weight)
-    nn.init.zeros_(net[-1].bias)
-    return net
 
 
 def _symlog(x: Tensor) -> Tensor:
@@ -148,6 +147,9 @@ class LayerwiseMixture(nn.Module):
             self.register_buffer("alpha0", alpha0)
             self.embedding = nn.Parameter(0.1 * torch.randn(len(groups), embedding_dim))
             self.mlp = _mlp(embedding_dim + self.num_features, hidden, len(directions))
+            # the last layer starts at zero, so the optimizer starts at its initial rule
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
 
     @property
     def num_features(self) -> int:
@@ -314,9 +316,7 @@ class PerParameterMLP(nn.Module):
         self.rms_decay = float(rms_decay)
         self.step_mult = positive_float("step_mult", step_mult, owner="PerParameterMLP")
         self.exp_mult = non_negative_float("exp_mult", exp_mult, owner="PerParameterMLP")
-        self.net = nn.Sequential(
-            nn.Linear(self.num_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2)
-        )
+        self.net = _mlp(self.num_features, hidden, 2)
         with torch.no_grad():  # start near a small normalised-gradient step rather than at zero
             self.net[-1].weight.mul_(0.1)
             self.net[-1].bias.zero_()

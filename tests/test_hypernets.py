@@ -168,13 +168,13 @@ def test_a_hand_set_attention_layer_generates_the_prototype_logits_weights():
         ht.generator.embedder.proj.bias.zero_()  # support tokens: image part 0
         gen.placeholders[:, flag] = 1.0  # placeholders: flag 1, features 0 (labels added from the table)
         gen.activation_features.net.weight.copy_(torch.eye(width))
-        q, k, v = gen.encoder.blocks[0].attn.c_attn.weight.split(n)
+        q, k, v = gen.encoder.blocks[0].attn.qkv.weight.split(n)
         q[:lab, :lab] = beta * torch.eye(lab)
         q[flag, flag] = 1.0
         k[:lab, :lab] = torch.eye(lab)
         k[flag, flag] = -beta
         v[feats, feats] = torch.eye(width)
-        gen.encoder.blocks[0].attn.c_proj.weight.copy_(torch.eye(n))
+        gen.encoder.blocks[0].attn.proj.weight.copy_(torch.eye(n))
         gen.head.weight[:width, feats] = torch.eye(width)
     episode = image_episode(num_tasks=2, shots=3)
     with torch.no_grad():

@@ -322,4 +322,4 @@ def test_transformer_attention_setting_is_validated():
         Transformer(D, S, n_embd=16, n_layer=2, n_head=2, attention="momentum", momentum=1.5)
     kinds = [type(b.attn).__name__ for b in Transformer(D, S, n_embd=16, n_layer=2, n_head=2,
                                                          attention=["softmax", "mesa"]).blocks]
-    assert kinds == ["CausalSelfAttention", "MesaAttention"]
+    assert kinds == ["SoftmaxAttention", "MesaAttention"]

@@ -7,7 +7,8 @@ from torch import nn
 
 from metaopt.episodes import Episode
 from metaopt.learners import GradientDescent, InnerLoop
-from metaopt.learners.maml import conv4, mlp
+from metaopt.learners.maml import conv4
+from metaopt.learners.mlp import mlp
 from metaopt.tasks import LinearRegression, Sinusoid
 from optimizers import LayerwiseMixture, adam, sgd
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from metaopt.episodes import Episode
 from metaopt.learners import FOMAML, MAML, MetaSGD
-from metaopt.learners.maml import conv4, mlp
+from metaopt.learners.maml import conv4
+from metaopt.learners.mlp import mlp
 from metaopt.tasks import Sinusoid
 
 from conftest import generator

@@ -3,7 +3,7 @@ import torch
 
 from conftest import generator
 from metaopt.learners import Transformer
-from metaopt.learners.transformer import interleaved_layout
+from metaopt.learners.incontext import PrefixLearner
 from metaopt.tasks import LinearRegression
 
 
@@ -61,8 +61,13 @@ def test_loss_averages_every_prefix_and_the_queries(model, episode):
     torch.testing.assert_close(model.loss(episode), expected)
 
 
-def test_layout_mask():
-    positions, mask = interleaved_layout(num_support=2, support_sizes=[0, 2], num_query=1, device="cpu")
+def test_layout_mask(model):
+    """Support x1 y1 x2 y2, then a query for k = 0 and one for k = 2: the positions and mask the blocks get."""
+    seen = {}
+    model.pos_emb.register_forward_pre_hook(lambda _, args: seen.update(positions=args[0]))
+    model.blocks[0].register_forward_pre_hook(lambda _, args: seen.update(mask=args[1]))
+    model.predict_by_support_size(LinearRegression(3).sample(1, 2, 1, generator=generator()), [0, 2])
+    positions, mask = seen["positions"], seen["mask"]
     assert positions.tolist() == [0, 1, 2, 3, 0, 4]
     assert mask[4].tolist() == [False, False, False, False, True, False]
     assert mask[5].tolist() == [True, True, True, True, False, True]
@@ -76,3 +81,9 @@ def test_refuses_too_long_support_and_wrong_dims(model):
         model(LinearRegression(4).sample(2, 3, 1, generator=generator()))
     with pytest.raises(ValueError, match="divisible"):
         Transformer(x_dim=3, max_support=4, n_embd=30, n_head=4)
+
+
+def test_is_a_prefix_learner_that_checks_support_sizes(model, episode):
+    assert isinstance(model, PrefixLearner)
+    with pytest.raises(ValueError, match="support_sizes"):
+        model.predict_by_support_size(episode, [9])

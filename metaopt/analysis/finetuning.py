@@ -52,7 +52,7 @@ from torch.func import functional_call, grad, vmap
 from metaopt.analysis.sensitivity import quiet_batching_fallback
 from metaopt.episodes import Episode
 from metaopt.kinds import EpisodeKind
-from metaopt.learners.attention import CausalSelfAttention
+from metaopt.learners.attention import SoftmaxAttention
 from metaopt.learners.capabilities import Capability, provides
 from metaopt.learners.transformer import Transformer
 
@@ -105,7 +105,7 @@ def _attentions(model: Transformer) -> list[nn.Module]:
                          f"(capability 'attention_dual_form', e.g. metaopt.learners.Transformer); got "
                          f"{type(model).__name__}")
     attentions = [block.attn for block in model.blocks]
-    if not all(isinstance(a, CausalSelfAttention) for a in attentions):
+    if not all(isinstance(a, SoftmaxAttention) for a in attentions):
         raise ValueError("the dual-form analysis needs softmax (or momentum) attention in every block; got "
                          f"{[type(a).__name__ for a in attentions]}")
     return attentions

@@ -17,7 +17,7 @@ Networks come from a plain spec so that recipes can name them: ``{"kind": "mlp",
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -26,20 +26,12 @@ from torch import Tensor, nn
 from metaopt.checks import positive_float
 from metaopt.learners.base import Example
 from metaopt.learners.inner_loop import InnerLoop
+from metaopt.learners.mlp import mlp
 from metaopt.tasks.regression import LinearRegression
 from optimizers import EmptyState, GradientTransformation, Params, sgd
 
 NETWORKS = ("mlp", "conv4")
 NetworkSpec = nn.Module | Mapping[str, Any]
-
-
-def mlp(in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: int = 1) -> nn.Sequential:
-    """``in → hidden… → out`` with ReLU between layers (Finn et al.'s sinusoid network is 1-40-40-1)."""
-    sizes = [in_features, *hidden, out_features]
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
-    return nn.Sequential(*layers)
 
 
 def conv4(
@@ -76,7 +68,7 @@ def build_network(spec: NetworkSpec) -> nn.Module:
     try:
         return builder(**arguments)
     except TypeError as error:
-        raise ValueError(f"network {spec!r}: {error}; see metaopt.learners.maml.{builder.__name__}") from error
+        raise ValueError(f"network {spec!r}: {error}; see {builder.__module__}.{builder.__name__}") from error
 
 
 def head_name(model: nn.Module) -> str:
@@ -187,5 +179,5 @@ class FixedInitGD(InnerLoop):
         super().__init__(build_network(network), sgd(inner_lr), steps, init=init, strategy=strategy)
 
 
-__all__ = ["MAML", "FOMAML", "MetaSGD", "ANIL", "FixedInitGD", "PerParameterStepSizes", "build_network", "mlp",
-           "conv4", "head_name", "NETWORKS"]
+__all__ = ["MAML", "FOMAML", "MetaSGD", "ANIL", "FixedInitGD", "PerParameterStepSizes", "build_network", "conv4",
+           "head_name", "NETWORKS"]

@@ -26,6 +26,7 @@ from torch import nn
 from metaopt.checks import positive_int
 from metaopt.learners.base import Example
 from metaopt.learners.incontext.prefix import PrefixLearner
+from metaopt.learners.mlp import mlp
 from metaopt.tasks.regression import LinearRegression
 
 
@@ -46,10 +47,7 @@ class ImplicitFilter(nn.Module):
         self.register_buffer("freqs", torch.arange(1, frequencies + 1, dtype=torch.float32), persistent=False)
         # decay rates spread over channels: some filters are short, some span the whole sequence
         self.register_buffer("rates", torch.logspace(math.log10(0.5), math.log10(30.0), width), persistent=False)
-        self.mlp = nn.Sequential(
-            nn.Linear(1 + 2 * frequencies, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-            nn.Linear(hidden, width),
-        )
+        self.mlp = mlp(1 + 2 * frequencies, [hidden, hidden], width, activation=nn.SiLU)
 
     def forward(self, length: int) -> torch.Tensor:
         t = torch.arange(length, device=self.freqs.device, dtype=self.freqs.dtype)[:, None] / self.max_len  # [L, 1]
@@ -90,7 +88,7 @@ class HyenaBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(width)
         self.mixer = HyenaOperator(width, max_len)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.mlp = mlp(width, [4 * width], width, activation=nn.GELU)
 
     def forward(
         self, context: torch.Tensor, probes: torch.Tensor, visible: torch.Tensor

@@ -23,20 +23,23 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from metaopt.checks import positive_float, positive_int
+from metaopt.learners.attention import MultiHeadAttention
 from metaopt.learners.base import Example
 from metaopt.learners.incontext.prefix import PrefixLearner
-from metaopt.checks import positive_float, positive_int
 from metaopt.learners.incontext.tokens import prefix_mask, read_y_slot
 from metaopt.tasks.regression import LinearRegression
 
 
-class MesaAttention(nn.Module):
+class MesaAttention(MultiHeadAttention):
     """Multi-head mesa attention with a boolean mask ``[L, L]`` (True = may attend).
 
-    Same call as the transformer's softmax attention: ``forward(h [B, L, C], mask [L, L]) -> [B, L, C]``.
-    A row that sees no token outputs zero (an empty regression predicts 0).
+    An attention type of ``attention.Block``, called like softmax attention:
+    ``forward(h [B, L, C], mask [L, L]) -> [B, L, C]``. A row that sees no token outputs zero (an empty
+    regression predicts 0).
 
     Args:
         n_embd: token width C.
@@ -49,37 +52,30 @@ class MesaAttention(nn.Module):
     def __init__(
         self, n_embd: int, n_head: int, dropout: float = 0.0, *, head_dim: int | None = None, lam_init: float = 1.0
     ) -> None:
-        super().__init__()
-        head_dim = n_embd // n_head if head_dim is None else head_dim
-        if head_dim < 1:
-            raise ValueError(
-                f"MesaAttention: head_dim must be >= 1; got {head_dim!r} (n_embd={n_embd}, n_head={n_head})"
-            )
         positive_float("lam_init", lam_init, owner="MesaAttention")
-        self.n_head, self.head_dim = n_head, head_dim
-        self.qkv = nn.Linear(n_embd, 3 * n_head * head_dim)
-        self.proj = nn.Linear(n_head * head_dim, n_embd)
+        super().__init__(n_embd, n_head, dropout, head_dim=head_dim)
         self.log_lam = nn.Parameter(torch.full((n_head,), math.log(lam_init)))
-        self.dropout = nn.Dropout(dropout)
 
     @property
     def lam(self) -> torch.Tensor:
         """λ per head ``[H]``: R_0 = λ I, so the ridge penalty is 1/λ."""
         return self.log_lam.exp()
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        B, L, _ = h.shape
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None or mask.dim() != 2:
+            raise ValueError(f"MesaAttention: needs a mask [L, L] (True = may attend); got "
+                             f"{None if mask is None else tuple(mask.shape)}")
         H, D = self.n_head, self.head_dim
-        # [B, L, 3 H D] -> 3 x [B, H, L, D]
-        q, k, v = (t.view(B, L, H, D).transpose(1, 2) for t in self.qkv(h).split(H * D, dim=2))
-        visible = mask.to(h.dtype)  # [L, L]
+        visible = mask.to(q.dtype)  # [L, L]
         # prefix Gram of every row: G_i = Σ_j mask_ij k_j k_jᵀ + λ⁻¹ I, [B, H, L, D, D]
         gram = torch.einsum("ij,bhjd,bhje->bhide", visible, k, k)
-        ridge = (1.0 / self.lam).view(1, H, 1, 1, 1) * torch.eye(D, dtype=h.dtype, device=h.device)
+        ridge = (1.0 / self.lam).view(1, H, 1, 1, 1) * torch.eye(D, dtype=q.dtype, device=q.device)
         solved = torch.cholesky_solve(q.unsqueeze(-1), torch.linalg.cholesky(gram + ridge)).squeeze(-1)  # R_i q_i
         scores = torch.einsum("bhjd,bhid->bhij", k, solved) * visible  # k_jᵀ R_i q_i on visible j
-        out = scores @ v  # Σ_j v_j k_jᵀ R_i q_i, [B, H, L, D]
-        return self.dropout(self.proj(out.transpose(1, 2).reshape(B, L, H * D)))
+        return scores @ v  # Σ_j v_j k_jᵀ R_i q_i, [B, H, L, D]
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return F.dropout(super().forward(h, mask), self.dropout, self.training)
 
 
 class MesaLayer(PrefixLearner):

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from metaopt.learners.attention import CausalSelfAttention
+from metaopt.learners.attention import SoftmaxAttention
 
 
-class MomentumAttention(CausalSelfAttention):
-    """Multi-head softmax attention plus momentum over values; same call as the transformer's attention.
+class MomentumAttention(SoftmaxAttention):
+    """Multi-head softmax attention plus momentum over values; an attention type of ``attention.Block``.
 
     Args:
         n_embd: token width.
@@ -49,5 +49,8 @@ class MomentumAttention(CausalSelfAttention):
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
         return weights
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None or mask.dim() != 2:
+            raise ValueError(f"MomentumAttention: needs a mask [L, L] (True = may attend); got "
+                             f"{None if mask is None else tuple(mask.shape)}")
         return super().attend(q, k, v, mask) + self.momentum_weights(mask, q.dtype) @ v  # [L, L] @ [B, H, L, c]

@@ -5,11 +5,15 @@ The support set becomes context tokens (``tokens.context_tokens``) and every pre
 prediction of y_j from its predecessors), and each query sees the first k examples for each k asked
 for. A subclass implements only ``_probe(context, probes, visible)``; one call gives the per-prefix
 predictions, the per-k query predictions, the forward pass and the loss.
+
+A causal transformer over interleaved tokens needs no probes for the prefixes: the context token
+``[x_j, 0]`` sees the first j examples and itself, exactly as the probe of x_j would, so the prediction
+of y_j is read at that token (``reads_prefixes_from_context``).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
@@ -34,6 +38,10 @@ class PrefixLearner(Learner):
     """
 
     implicit = True
+    reads_prefixes_from_context: ClassVar[bool] = False
+    """Set by a model whose every context token sees itself and the tokens before it, as a probe in its place
+    would (a causal transformer), over interleaved tokens: its ``_probe`` also predicts at the context tokens,
+    returning ``[T, C + P, y]`` context first, and the prediction of y_j is read at x_j's own token."""
 
     def __init__(self, x_dim: int, y_dim: int, token_format: str, max_support: int | None = None) -> None:
         super().__init__()
@@ -43,11 +51,14 @@ class PrefixLearner(Learner):
         optional(positive_int, "max_support", max_support, owner=owner)
         self.x_dim, self.y_dim, self.max_support = x_dim, y_dim, max_support
         self.token_format = check_token_format(owner, token_format)
+        # a concatenated context token [x_j, y_j] sees its own label: no prefix prediction can be read there
+        assert not self.reads_prefixes_from_context or self.token_format == "interleaved"
 
     def _probe(self, context: torch.Tensor, probes: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """Predictions ``[T, P, y]`` for probe tokens ``[T, P, E]``, probe p seeing ``context[:, :visible[p]]``.
 
-        ``context`` is ``[T, C, E]`` and ``visible`` a long tensor ``[P]`` with values in ``[0, C]``.
+        ``context`` is ``[T, C, E]`` and ``visible`` a long tensor ``[P]`` with values in ``[0, C]``. With
+        ``reads_prefixes_from_context``: predictions at every context token, then at the probes, ``[T, C + P, y]``.
         """
         raise NotImplementedError
 
@@ -62,25 +73,35 @@ class PrefixLearner(Learner):
         Q, K = xq.shape[1], len(support_sizes)
         if self.max_support is not None and S > self.max_support:
             raise ValueError(f"{owner} was built for at most max_support={self.max_support} support examples; got {S}")
+        context = context_tokens(xs, ys, self.token_format)  # [T, C, E]
         probe_x = [xq.repeat(1, K, 1)]  # [T, K * Q, x], query q for size k at k * Q + q
         sizes = torch.tensor([context_length(k, self.token_format) for k in support_sizes], dtype=torch.long)
         visible = [sizes.repeat_interleave(Q)]
-        if prefixes:
+        probe_prefixes = prefixes and not self.reads_prefixes_from_context
+        if probe_prefixes:
             probe_x.insert(0, xs)
             visible.insert(0, torch.tensor([context_length(j, self.token_format) for j in range(S)], dtype=torch.long))
         probes = query_tokens(torch.cat(probe_x, dim=1), self.y_dim)
-        out = self._probe(context_tokens(xs, ys, self.token_format), probes, torch.cat(visible).to(xs.device))
-        n_prefix = S if prefixes else 0
+        out = self._probe(context, probes, torch.cat(visible).to(xs.device))
+        if self.reads_prefixes_from_context:
+            at_context, out = out[:, : context.shape[1]], out[:, context.shape[1] :]  # [T, 2S, y], [T, P, y]
+        n_prefix = S if probe_prefixes else 0
         query_pred = out[:, n_prefix:].reshape(T, K, Q, self.y_dim).transpose(0, 1)
-        return (out[:, :S] if prefixes else None), query_pred
+        if not prefixes:
+            return None, query_pred
+        # interleaved context: x_j's token is at position 2j
+        return (at_context[:, ::2] if self.reads_prefixes_from_context else out[:, :S]), query_pred
 
     def forward(self, episode: Episode) -> torch.Tensor:
         return self._run(episode, [episode.num_support], prefixes=False)[1][0]
 
     def predict_by_support_size(self, episode: Episode, support_sizes: Sequence[int]) -> torch.Tensor:
-        """Query predictions for every k from one causal pass: ``[K, T, Q, y]``."""
+        """Query predictions for every k from one causal pass: ``[K, T, Q, y]``.
+
+        No query sees the support beyond the largest k, so it is left out of the pass.
+        """
         sizes = check_support_sizes(type(self).__name__, support_sizes, episode.num_support)
-        return self._run(episode, sizes, prefixes=False)[1]
+        return self._run(episode.take_support(max(sizes)), sizes, prefixes=False)[1]
 
     def predict_prefixes(self, episode: Episode) -> torch.Tensor:
         """Prediction of each support label from the examples before it: ``[T, S, y]``."""

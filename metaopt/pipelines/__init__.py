@@ -155,9 +155,9 @@ def run(
         raise ConfigError("run needs a recipe (a name, a YAML path or a loaded config) or a run_dir")
     if (resume or not train) and path is None:
         raise ConfigError("resume=True and train=False need run_dir, the folder of the run to continue")
-    experiment = build(config)
-    if config.threads:
+    if config.threads:  # before building: some components compute when built (a pre-trained environment)
         torch.set_num_threads(config.threads)
+    experiment = build(config)
     keep_freed_memory()  # large activations reuse freed memory instead of fresh pages (metaopt/allocator.py)
     with _open_run(config, path) as opened:
         logger.info("run folder: %s", opened.path)

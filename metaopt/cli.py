@@ -6,12 +6,9 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Sequence
 
-from omegaconf import OmegaConf
-
-from metaopt.config import RECIPE_DIR, ConfigError
+from metaopt.config import RECIPE_DIR, ConfigError, recipes
 from metaopt.pipelines import run
 from metaopt.train import DivergenceError
 
@@ -53,12 +50,10 @@ def _summary(description: str, width: int = 100) -> str:
 
 def cmd_recipes(args: argparse.Namespace) -> int:
     del args
-    found = {p.resolve(): p for p in [*RECIPE_DIR.glob("*.yaml"), *Path("recipes").glob("*.yaml")]}
-    recipes = sorted(found.values(), key=lambda p: p.stem)
-    width = max((len(p.stem) for p in recipes), default=0) + 2
-    for path in recipes:
-        description = OmegaConf.load(path).get("description", "") or ""
-        print(f"{path.stem.ljust(width)}{_summary(description)}")
+    found = recipes()
+    width = max((len(name) for name in found), default=0) + 2
+    for name, description in found.items():
+        print(f"{name.ljust(width)}{_summary(description)}")
     print("\nfull descriptions: the recipe files in " + str(RECIPE_DIR))
     return 0
 

@@ -89,6 +89,13 @@ def find_recipe(name_or_path: str | Path) -> Path:
                       f"bundled recipes: {known}")
 
 
+def recipes() -> dict[str, str]:
+    """Every recipe in ``./recipes`` and the bundled ones, by name, with its description (sorted by name)."""
+    found = {p.resolve(): p for p in [*RECIPE_DIR.glob("*.yaml"), *Path("recipes").glob("*.yaml")]}
+    return {path.stem: str(read_recipe(path).get("description", "") or "")
+            for path in sorted(found.values(), key=lambda p: p.stem)}
+
+
 def read_recipe(path: Path) -> dict[str, Any]:
     """A recipe file's YAML as a mapping (safe loading: no Python objects from a data file)."""
     try:

@@ -9,8 +9,6 @@ import sys
 from typing import Sequence
 
 from metaopt.config import RECIPE_DIR, ConfigError, recipes
-from metaopt.pipelines import run
-from metaopt.train import DivergenceError
 
 logger = logging.getLogger("metaopt")
 
@@ -27,17 +25,25 @@ from Python:  metaopt.run("quickstart", ["train.steps=200"]) returns the results
 
 
 # ---------------------------------------------------------------------- subcommands
+# The pipeline (torch, the learners, matplotlib) is imported only by the commands that run one, so that
+# `--help` and `recipes` answer at once.
 def cmd_run(args: argparse.Namespace) -> int:
+    from metaopt.pipelines import run
+
     run(args.recipe, args.overrides)
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    from metaopt.pipelines import run
+
     run(None, args.overrides, run_dir=args.run_dir, resume=True)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from metaopt.pipelines import run
+
     run(None, args.overrides, run_dir=args.run_dir, train=False)
     return 0
 
@@ -128,15 +134,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"metaopt: error: {error}", file=sys.stderr)
         return 2
-    except DivergenceError as error:
-        print(f"metaopt: training diverged: {error}", file=sys.stderr)
-        return 3
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
         sys.stdout = open(os.devnull, "w")
         return 0
     except KeyboardInterrupt as error:
         print(f"metaopt: {error or 'interrupted'}; continue with `metaopt resume RUN_DIR`", file=sys.stderr)
         return 130
+    except Exception as error:
+        from metaopt.train import DivergenceError  # loaded already when training raised it
+
+        if not isinstance(error, DivergenceError):
+            raise
+        print(f"metaopt: training diverged: {error}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

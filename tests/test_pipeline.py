@@ -5,15 +5,29 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 import metaopt
+from metaopt.cli import main
 from metaopt.compare import Comparison
+from metaopt.learners import Learner
 from metaopt.config import ConfigError
 from metaopt.pipelines import PIPELINES, Pipeline, load, run
 from test_cli import TINY
 
 CALLS = []
+
+
+class Exploding(Learner):
+    """A trainable learner whose loss is NaN: training must stop with the divergence message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, episode):
+        return episode.x_query[..., :1] * self.scale * float("nan")
 
 
 def record_hook(learners, run, *, tag: str = "x"):
@@ -83,3 +97,9 @@ def test_python_dash_m_metaopt_is_the_cli():
     assert result.returncode == 0 and "usage: metaopt" in result.stdout and "resume" in result.stdout
     result = subprocess.run([sys.executable, "-m", "metaopt", "run", "no_such_recipe"], capture_output=True, text=True)
     assert result.returncode == 2 and "not found" in result.stderr
+
+
+def test_divergence_is_reported_with_its_exit_code(recipe, tmp_path, capsys):
+    code = main(["run", str(recipe), f"output_dir={tmp_path}", "learners={boom: {_target_: test_pipeline.Exploding}}",
+                 "claims=[]"])
+    assert code == 3 and "training diverged" in capsys.readouterr().err

@@ -70,9 +70,13 @@ def test_tuned_gdpp_is_no_worse_than_tuned_gd_on_its_tuning_tasks():
 
 
 def test_tuned_learners_accept_a_recipe_task_mapping():
+    """In a recipe the family is a nested _target_ block (family: ${task}): it arrives built."""
+    from metaopt.config import instantiate
+
     spec = {"_target_": "metaopt.tasks.LinearRegression", "dim": 4}
-    tuned = TunedGradientDescent(spec, lrs=(0.5, 1.0), support=4, num_tasks=50)
-    assert tuned.tune()[4] in (0.5, 1.0)
+    tuned = instantiate({"_target_": "metaopt.learners.TunedGradientDescent", "family": spec, "lrs": [0.5, 1.0],
+                         "support": 4, "num_tasks": 50}, "learners.tuned_gd")
+    assert isinstance(tuned.tuning.family, LinearRegression) and tuned.tune()[4] in (0.5, 1.0)
 
 
 @pytest.mark.parametrize(

@@ -116,9 +116,8 @@ def build(config: DictConfig) -> Any:
 
 
 def _open_run(config: DictConfig, path: Path | None) -> Run:
-    common: CommonSettings = config  # the keys every schema shares
-    run = Run.open(common.name, OmegaConf.to_container(config, resolve=True), config.wandb,
-                   root=common.output_dir, path=path)
+    run = Run.open(config.name, OmegaConf.to_container(config, resolve=True), config.wandb,
+                   root=config.output_dir, path=path)
     run.write_config(to_yaml(config))
     return run
 

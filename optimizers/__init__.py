@@ -1,27 +1,12 @@
 """Functional, differentiable optimizers in the optax style, and a bridge to ``torch.optim``.
 
 An optimizer is ``GradientTransformation(init, update)`` on dicts of tensors; see :mod:`optimizers.base`.
-This package imports only torch.
+This package imports only torch. Everything in ``alias.__all__`` and ``transforms.__all__`` is exported here, so a
+new optimizer or direction (see :mod:`optimizers.alias`) needs no edit of this file.
 """
 
-from optimizers.alias import (
-    DIRECTIONS,
-    adagrad,
-    adagrad_direction,
-    adam,
-    adam_direction,
-    adamw,
-    lion,
-    lion_direction,
-    momentum_direction,
-    nesterov_direction,
-    rmsprop,
-    rmsprop_direction,
-    sgd,
-    sgd_direction,
-    sign_descent,
-    sign_direction,
-)
+from optimizers import alias, transforms
+from optimizers.alias import *  # noqa: F403 (the optimizers and their directions: alias.__all__)
 from optimizers.base import (
     EmptyState,
     GradientTransformation,
@@ -54,27 +39,9 @@ from optimizers.schedules import (
     warmup_cosine_decay_schedule,
 )
 from optimizers.torch_adapter import FunctionalOptimizer, as_torch_optimizer
-from optimizers.transforms import (
-    ScaleByAdamState,
-    ScaleByLionState,
-    ScaleByRmsState,
-    ScaleByRssState,
-    ScaleByScheduleState,
-    TraceState,
-    add_decayed_weights,
-    scale,
-    scale_by_adam,
-    scale_by_learning_rate,
-    scale_by_lion,
-    scale_by_rms,
-    scale_by_rss,
-    scale_by_schedule,
-    scale_by_sign,
-    trace,
-)
+from optimizers.transforms import *  # noqa: F403 (the transforms and their states: transforms.__all__)
 
 __all__ = [
-    "DIRECTIONS",
     "AntitheticES",
     "Environment",
     "FullBackprop",
@@ -97,19 +64,7 @@ __all__ = [
     "PerParameterMLP",
     "PerParameterMLPState",
     "Schedule",
-    "ScaleByAdamState",
-    "ScaleByLionState",
-    "ScaleByRmsState",
-    "ScaleByRssState",
-    "ScaleByScheduleState",
-    "TraceState",
     "Workspace",
-    "adagrad",
-    "adagrad_direction",
-    "adam",
-    "adam_direction",
-    "adamw",
-    "add_decayed_weights",
     "apply_in_place",
     "apply_updates",
     "as_torch_optimizer",
@@ -118,26 +73,9 @@ __all__ = [
     "cosine_decay_schedule",
     "identity",
     "join_schedules",
-    "lion",
-    "lion_direction",
     "linear_schedule",
-    "momentum_direction",
-    "nesterov_direction",
-    "rmsprop",
-    "rmsprop_direction",
-    "scale",
-    "scale_by_adam",
-    "scale_by_learning_rate",
-    "scale_by_lion",
-    "scale_by_rms",
-    "scale_by_rss",
-    "scale_by_schedule",
-    "scale_by_sign",
-    "sgd",
-    "sgd_direction",
-    "sign_descent",
-    "sign_direction",
-    "trace",
     "tree_map",
     "warmup_cosine_decay_schedule",
 ]
+__all__ += alias.__all__
+__all__ += transforms.__all__

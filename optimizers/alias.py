@@ -8,16 +8,17 @@ schedule from :mod:`optimizers.schedules`.
 
 Adding a direction ``foo`` touches this file, ``transforms.py`` and a test:
 
-1. ``transforms.py``: ``scale_by_foo(...)`` with its state named tuple right above it, the pure ``update`` and,
-   beside it, the in-place kernel ``apply_(targets, grads, state, params, *, loss, scale, workspace) -> state``
-   that advances the state tensors in place and adds ``scale[k] * d_k`` to each ``targets[k]``
-   (:class:`~optimizers.base.InPlaceUpdate`; temporaries from ``workspace.like(grads)``); return
-   ``_with_kernel(init, update, apply_, *hyper_parameters)``. The kernel is optional: without one the direction
-   runs everywhere, the fast paths (``as_torch_optimizer``, :class:`~optimizers.LayerwiseMixture` without a graph)
-   add its pure update instead, correct and slower. torch's private kernels are reached only through
-   :mod:`optimizers._torch_kernels`.
-2. here: ``foo_direction(...)``, the optimizer ``foo(lr, ...)`` chained from it, and its entries in
-   :data:`DIRECTIONS` and :data:`DEFAULT_BASE_LRS`, which is all :class:`~optimizers.LayerwiseMixture` needs.
+1. ``transforms.py``: ``scale_by_foo(...)`` with its state named tuple right above it (both named in
+   ``__all__``, which the package exports), the pure ``update`` and, beside it, the in-place kernel
+   ``apply_(targets, grads, state, params, *, loss, scale, workspace) -> state`` that advances the state tensors
+   in place and adds ``scale[k] * d_k`` to each ``targets[k]`` (:class:`~optimizers.base.InPlaceUpdate`;
+   temporaries from ``workspace.like(grads)``); return ``_with_kernel(init, update, apply_, *hyper_parameters)``.
+   The kernel is optional: without one the direction runs everywhere, and the fast paths (``as_torch_optimizer``,
+   :class:`~optimizers.LayerwiseMixture` without a graph) add its pure update instead, correct and slower.
+   torch's private kernels are reached only through :mod:`optimizers._torch_kernels`.
+2. here: ``foo_direction(...)`` and the optimizer ``foo(lr, ...)`` chained from it (in ``__all__``), and the
+   entries in :data:`DIRECTIONS` and :data:`DEFAULT_BASE_LRS`, which is all :class:`~optimizers.LayerwiseMixture`
+   needs.
 3. the test: a case for ``foo`` against a reference in ``tests/test_optimizers.py``;
    ``tests/test_inplace_kernels.py`` already checks every entry of :data:`DIRECTIONS`: its kernel against its
    pure update, and the mixture's fast path against its graph path.

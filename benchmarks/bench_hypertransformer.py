@@ -12,8 +12,8 @@ Measured with ``python -m benchmarks hypertransformer`` (2 threads, quiet machin
 16 tasks: 4.9–5.1 ms vs 51 ms (10.0–10.4×; 9.8×); one task: 1.9 ms vs 21.4 ms (11.2–11.3×; 9.9–10.0×);
 width 32, 16 tasks: 11 ms vs 151 ms (13.5–13.8×). One episode alone is bound by per-operation overhead
 (~1200 small ops); for it the target CNN's convolutions run on torch's native kernel, 25% faster than oneDNN's
-at these sizes (``hypernets.cnn.folded_conv``). Predicting the queries as well (both learners) narrows the
-ratio to 5.4–9×: the queries' forward pass is the same for both.
+at these sizes (``metaopt.learners.task_folding.folded_conv``). Predicting the queries as well (both learners)
+narrows the ratio to 5.4–9×: the queries' forward pass is the same for both.
 """
 
 from __future__ import annotations

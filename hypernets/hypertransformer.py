@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hypernets.cnn import NUM_CONV, FunctionalCNN, LayerSpec, Params, fold, folded_conv, unfold
+from hypernets.cnn import NUM_CONV, FunctionalCNN, LayerSpec, Params
 from metaopt.checks import one_of, positive_int
 from metaopt.episodes import Episode
 from metaopt.learners.attention import Block, SoftmaxAttention
 from metaopt.learners.base import Example, Learner
+from metaopt.learners.task_folding import fold, folded_conv, unfold
 from metaopt.tasks.images.few_shot import FewShotImages
 
 GENERATE = ("all", "logits")
@@ -71,7 +72,7 @@ class ImageEmbedder(nn.Module):
 
     Strided convolutions rather than conv + max-pool: the embedder runs on every support image at full
     resolution, and on CPU the full-resolution max-pool cost more than the whole target CNN
-    (``benchmarks/bench_hypertransformer.py``). It reads the task-folded images (``hypernets.cnn.fold``) the
+    (``benchmarks/bench_hypertransformer.py``). It reads the task-folded images (``task_folding.fold``) the
     target CNN reads, so one grouped convolution embeds the images of every task.
     """
 
@@ -81,12 +82,12 @@ class ImageEmbedder(nn.Module):
                                     for i in range(NUM_CONV)])
         self.proj = nn.Linear(channels, out_dim)
 
-    def forward(self, x: Tensor, num_tasks: int) -> Tensor:
-        """Folded images ``[N, T·C, H, W]`` → ``[T, N, out_dim]``."""
+    def forward(self, x: Tensor) -> Tensor:
+        """Folded images ``[N, T, C, H, W]`` → ``[T, N, out_dim]``."""
         h = x
         for conv in self.convs:
             h = folded_conv(h, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding).relu_()
-        return self.proj(unfold(h.mean(dim=(-2, -1)), num_tasks))
+        return self.proj(unfold(h.mean(dim=(-2, -1))))
 
 
 class ActivationFeatures(nn.Module):
@@ -103,12 +104,12 @@ class ActivationFeatures(nn.Module):
         else:
             self.net = nn.Linear(channels, out_dim)
 
-    def forward(self, h: Tensor, num_tasks: int) -> Tensor:
-        """Task-folded input activations of the layer ``[N, T·C, H, W]`` → ``[T, N, out_dim]``."""
+    def forward(self, h: Tensor) -> Tensor:
+        """Task-folded input activations of the layer ``[N, T, C, H, W]`` → ``[T, N, out_dim]``."""
         if isinstance(self.net, nn.Linear):
-            return self.net(unfold(h, num_tasks).flatten(2))
+            return self.net(unfold(h).flatten(2))
         h = folded_conv(h, self.net.weight, self.net.bias, stride=self.net.stride, padding=self.net.padding)
-        return unfold(h.relu_().mean(dim=(-2, -1)), num_tasks)
+        return unfold(h.relu_().mean(dim=(-2, -1)))
 
 
 # ---------------------------------------------------------------------- one generated layer
@@ -145,14 +146,14 @@ class LayerGenerator(nn.Module):
 
         Args:
             label_tokens, image_features: ``[T, M, label_dim]``, ``[T, M, image_dim]`` of the M support images.
-            activations: the layer's input activations of those images, task-folded ``[M, T·C, H, W]``.
+            activations: the layer's input activations of those images, task-folded ``[M, T, C, H, W]``.
             label_table: the label embeddings ``[num_labels + 1, label_dim]`` (placeholders of logits layers).
             key_mask: ``[T, M]``, False hides a support token from every other token.
             previous: the previous task's slices of this layer ``[T, out_channels, slice_size]`` (feedback).
         """
         T, M = label_tokens.shape[:2]
         out = self.layer.out_channels
-        support = torch.cat([label_tokens, image_features, self.activation_features(activations, T)], dim=-1)
+        support = torch.cat([label_tokens, image_features, self.activation_features(activations)], dim=-1)
         placeholders = self.placeholders.expand(T, -1, -1)
         if self.label_placeholders:
             placeholders = placeholders + F.pad(label_table[:out], (0, placeholders.shape[-1] - self.label_dim))
@@ -238,10 +239,10 @@ class WeightGenerator(nn.Module):
         if num_labeled < 1:
             raise ValueError(f"the HyperTransformer needs at least one labelled support image per task; got "
                              f"{num_labeled} (leave support size 0 out of compare.support_sizes)")
-        # the CNN runs task-folded (hypernets.cnn.fold) from the images to the logits: examples first, so h[:M]
+        # the CNN runs task-folded (task_folding.fold) from the images to the logits: examples first, so h[:M]
         # are the token images' activations, and every per-task or shared conv is one grouped convolution
-        h = fold(x_tokens if x_rest is None else torch.cat([x_tokens, x_rest], dim=1))
-        label_tokens, image_features = self.labels(labels), self.embedder(h[:M], T)
+        h = fold(x_tokens if x_rest is None else torch.cat([x_tokens, x_rest], dim=1), channels_last=True)
+        label_tokens, image_features = self.labels(labels), self.embedder(h[:M])
         params: Params = {}
         for index, layer in enumerate(self.cnn.layers):
             if layer.name in self.generators:
@@ -253,7 +254,7 @@ class WeightGenerator(nn.Module):
                 for key in (f"{layer.name}_weight", f"{layer.name}_bias"):
                     params[key] = self.shared[key].expand(T, *self.shared[key].shape)
             h = self.cnn.folded_block(index, params, h, norm_examples=num_labeled)
-        return params, None if x_rest is None else h[:, M:]  # the logits layer returns [T, N, K]
+        return params, None if x_rest is None else unfold(h[M:])  # the logits of x_rest, [T, R, K]
 
 
 # ---------------------------------------------------------------------- the learner

@@ -21,6 +21,8 @@ def test_batch_norm_matches_torch_to_the_second_order():
     ours = batch_norm_batch_stats(x, weight, bias, 1e-5)
     theirs = F.batch_norm(x, None, None, weight, bias, training=True, eps=1e-5)
     torch.testing.assert_close(ours, theirs)
+    with torch.no_grad():  # the fused kernel without the autograd Function
+        torch.testing.assert_close(batch_norm_batch_stats(x, weight, bias, 1e-5), theirs.detach())
     probe = torch.randn_like(ours)
     first = torch.autograd.grad((ours * probe).sum(), (x, weight, bias), create_graph=True)
     expected = torch.autograd.grad((theirs * probe).sum(), (x, weight, bias), create_graph=True)

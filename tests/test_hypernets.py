@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from hypernets import FunctionalCNN, HyperTransformer, TargetCNN
-from hypernets.cnn import fold, folded_conv, unfold
 from metaopt.episodes import Episode
+from metaopt.learners import ANIL, MAML
+from metaopt.learners import task_folding
+from metaopt.learners.task_folding import fold, folded_conv, unfold
 
 WAYS = 3
 nan = float("nan")
@@ -51,10 +53,11 @@ def test_cnn_strategies_agree_and_match_a_per_task_module():
     params = {k: torch.randn(2, *v.shape) * 0.3 for k, v in cnn.init_params().items()}
     x = torch.rand(2, 5, 1, 16, 16)
     outputs = {}
-    for strategy in ("grouped", "vmap", "loop"):
+    for strategy in ("folded", "batched", "vmap", "loop"):
         cnn.strategy = strategy
         outputs[strategy] = cnn(params, x, norm_examples=3)
-    torch.testing.assert_close(outputs["grouped"], outputs["loop"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outputs["folded"], outputs["loop"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outputs["batched"], outputs["loop"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(outputs["vmap"], outputs["loop"], rtol=1e-4, atol=1e-5)
     # an independent nn.Sequential reference on task 1, statistics from the whole batch
     ref = nn.Sequential(*[m for i, c in enumerate([1, 4, 6, 8]) for m in (
@@ -79,7 +82,7 @@ def test_folded_conv_without_gradients_equals_the_grouped_convolution(tasks, str
     weight = torch.randn(*(() if shared else (tasks,)), 3, 2, 3, 3, generator=g)
     bias = torch.randn(*(() if shared else (tasks,)), 3, generator=g)
     with torch.no_grad():
-        fast = unfold(folded_conv(fold(x), weight, bias, stride=stride), tasks)
+        fast = unfold(folded_conv(fold(x, channels_last=True), weight, bias, stride=stride, padding=1))
     per_task = [torch.nn.functional.conv2d(x[t], weight if shared else weight[t], bias if shared else bias[t],
                                            stride=stride, padding=1) for t in range(tasks)]
     torch.testing.assert_close(fast, torch.stack(per_task), rtol=1e-5, atol=1e-5)
@@ -96,9 +99,33 @@ def test_cnn_refuses_bad_widths_and_params():
 def test_target_cnn_is_the_same_network_as_a_module():
     module = TargetCNN(4, num_classes=WAYS, image_size=16)
     x = torch.rand(5, 1, 16, 16)
-    params = {k: v.unsqueeze(0) for k, v in module.weights.items()}
-    torch.testing.assert_close(module(x), module.cnn(params, x.unsqueeze(0))[0])
+    layers = {f"conv{i}": module[i][0] for i in range(4)} | {"logits": module[4][1]}
+    params = {f"{name}_{kind}": getattr(layer, kind).unsqueeze(0)
+              for name, layer in layers.items() for kind in ("weight", "bias")}
+    torch.testing.assert_close(module(x), FunctionalCNN(4, num_classes=WAYS, image_size=16)(params, x.unsqueeze(0))[0])
     assert TargetCNN(4, num_classes=None, image_size=16)(x).shape == (5, 4)
+
+
+@pytest.mark.parametrize("learner", [MAML, ANIL])
+def test_maml_and_anil_on_the_target_cnn_fold_the_tasks_with_the_reference_meta_gradient(learner, monkeypatch):
+    """TargetCNN is an ordinary module of foldable layers: the inner loop's auto strategy folds it, and the
+    meta-gradient equals a loop over tasks and higher's (float64)."""
+    calls = []
+    folded_call = task_folding.folded_call
+    monkeypatch.setattr(task_folding, "folded_call", lambda *args, **kw: calls.append(1) or folded_call(*args, **kw))
+    network = TargetCNN(4, num_classes=WAYS, image_size=16).double()
+    episode = image_episode(num_tasks=2)
+    episode = episode.replace(x_support=episode.x_support.double(), x_query=episode.x_query.double())
+    grads = {}
+    for name, settings in {"folded": {}, "loop": {"strategy": "loop"}, "higher": {"backend": "higher"}}.items():
+        maml = learner(network, steps=2, inner_lr=0.5, **settings)
+        weights = [p for p in maml.parameters() if p.requires_grad]
+        grads[name] = torch.autograd.grad(maml.loss(episode), weights)
+        if name == "folded":
+            assert maml.resolved_strategy() == "folded" and calls, "the inner loop did not fold the tasks"
+    for name in ("loop", "higher"):
+        for ours, theirs in zip(grads["folded"], grads[name]):
+            torch.testing.assert_close(ours, theirs)
 
 
 # ---------------------------------------------------------------------- HyperTransformer

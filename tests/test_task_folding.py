@@ -6,7 +6,16 @@ from torch import nn
 from torch.func import functional_call
 
 from metaopt.learners.maml import conv4
-from metaopt.learners.task_folding import foldable, folded_call
+from metaopt.learners.task_folding import (
+    FoldedModel,
+    fold,
+    foldable,
+    folded_call,
+    folded_forward,
+    per_task_call,
+    resolve_strategy,
+    unfold,
+)
 
 
 def _per_task(model: nn.Module, tasks: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -23,7 +32,8 @@ def _per_task(model: nn.Module, tasks: int, generator: torch.Generator) -> dict[
     ],
     ids=["conv4_batchnorm", "conv1d_nested"],
 )
-def test_folded_call_equals_a_loop_over_tasks_with_gradients(model):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_call_equals_a_loop_over_tasks_with_gradients(model, channels_last):
     model = model.double()
     g = torch.Generator().manual_seed(0)
     tasks = 3
@@ -31,7 +41,7 @@ def test_folded_call_equals_a_loop_over_tasks_with_gradients(model):
     shape = (2, 16, 16) if isinstance(model[0], nn.Conv2d) else (3, 8)
     x = torch.randn(tasks, 6, *shape, generator=g, dtype=torch.float64)
     assert foldable(model)
-    folded = folded_call(model, params, x)
+    folded = folded_call(model, params, x, channels_last=channels_last)
     looped = torch.stack([functional_call(model, {k: v[t] for k, v in params.items()}, (x[t],)) for t in range(tasks)])
     torch.testing.assert_close(folded, looped)
     weights = torch.randn(folded.shape, generator=g, dtype=torch.float64)
@@ -53,3 +63,36 @@ def test_folded_call_equals_a_loop_over_tasks_with_gradients(model):
 )
 def test_models_that_cannot_be_folded_are_refused(model):
     assert not foldable(model)
+
+
+def test_every_strategy_gives_the_loop_s_outputs_and_shared_weights_need_no_task_dimension():
+    model = conv4(in_channels=1, channels=3, out_features=2, image_size=16).double()
+    g = torch.Generator().manual_seed(1)
+    params = _per_task(model, 2, g)
+    x = torch.randn(2, 5, 1, 16, 16, generator=g, dtype=torch.float64)
+    loop = per_task_call(model, params, x, strategy="loop")
+    for strategy in ("folded", "batched", "vmap"):
+        torch.testing.assert_close(per_task_call(model, params, x, strategy=strategy), loop)
+    # a weight left out is the model's own; one given without the task dimension is shared just the same
+    partial = {k: v for k, v in params.items() if not k.startswith("0.")}
+    shared = partial | {k: v for k, v in model.named_parameters() if k.startswith("0.")}
+    expected = per_task_call(model, partial, x, strategy="loop")
+    torch.testing.assert_close(folded_call(model, partial, x), expected)
+    torch.testing.assert_close(unfold(folded_forward(model, shared, fold(x))), expected)
+    # statistics of the first examples only: the queries after them do not move a task's outputs
+    first = per_task_call(model, params, x, strategy="folded", norm_examples=3)
+    torch.testing.assert_close(first, per_task_call(model, params, x, strategy="loop", norm_examples=3))
+    torch.testing.assert_close(first[:, :3], per_task_call(model, params, x[:, :3], strategy="folded"))
+
+
+def test_auto_strategy_and_refusals():
+    assert resolve_strategy("auto", conv4(channels=2)) == "folded"
+    assert resolve_strategy("auto", nn.Sequential(nn.Linear(2, 2))) == "batched"
+    assert resolve_strategy("auto", nn.Sequential(nn.Conv2d(1, 1, 3, padding_mode="circular"))) == "loop"
+    assert resolve_strategy("loop", conv4(channels=2)) == "loop"
+    with pytest.raises(ValueError, match="strategy"):
+        resolve_strategy("grouped", conv4(channels=2))
+    with pytest.raises(ValueError, match="cannot be folded"):
+        FoldedModel(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Dropout()))
+    with pytest.raises(ValueError, match="norm_examples"):
+        per_task_call(nn.Linear(2, 2), {}, torch.zeros(1, 3, 2), strategy="loop", norm_examples=2)

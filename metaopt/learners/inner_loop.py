@@ -12,7 +12,8 @@ is meta-learned (MAML, Finn et al. 2017), into the optimizer's tensors (Meta-SGD
 ``truncate=K`` does so for all but the last ``K`` steps, so second-order terms, and their memory, come
 only from the last ``K`` steps while the initialisation keeps its direct path.
 
-Strategies of the ``func`` backend (all give the same numbers; ``tests/test_inner_loop.py``):
+Strategies of the ``func`` backend (``metaopt.learners.task_folding.STRATEGIES``, the ones a hypernetwork's
+target CNN runs with too; all give the same numbers, ``tests/test_inner_loop.py``):
 
 - ``"batched"``: the initialisation is expanded to ``[T, ...]`` per-task weights, the model runs on all tasks
   at once under ``torch.func.vmap`` (batched matmuls; for convolutions, grouped convolutions), and one
@@ -20,12 +21,13 @@ Strategies of the ``func`` backend (all give the same numbers; ``tests/test_inne
   no weights.
 - ``"folded"``: as ``"batched"``, but the model runs through :func:`~metaopt.learners.task_folding.folded_call`,
   which keeps the tasks folded into the channels from the first layer to the last (one grouped convolution and
-  one batch norm per layer, no transposes between them); for ``nn.Sequential`` conv nets.
+  one batch norm per layer, no transposes between them); for ``nn.Sequential`` conv nets (``conv4``,
+  ``hypernets.TargetCNN``).
 - ``"vmap"``: ``torch.func.vmap`` over tasks of the whole loop with ``torch.func.grad_and_value`` inside
   (refused for models with batch, instance or layer norm, whose meta-gradients functorch gets wrong).
 - ``"loop"``: task by task, each with its own graph (plain convolutions).
 - ``"auto"`` (default) picks ``"batched"`` for models without convolutions, ``"folded"`` for conv nets it can
-  fold, and ``"loop"`` for other conv nets.
+  fold, and ``"loop"`` for other conv nets (``task_folding.resolve_strategy``).
 
 Measured with ``python -m benchmarks maml`` (2 threads, best of several meta-steps, forward + inner loop +
 meta-gradient, gradients equal to higher's; ``benchmarks/results/maml.json`` has the latest figures):
@@ -45,6 +47,7 @@ meta-gradient, gradients equal to higher's; ``benchmarks/results/maml.json`` has
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,23 +59,18 @@ from metaopt.checks import non_negative_int, one_of, optional
 from metaopt.episodes import Episode
 from metaopt.kinds import EpisodeKind
 from metaopt.learners.base import Example, Learner
-from metaopt.learners.task_folding import foldable, folded_call
+from metaopt.learners.task_folding import STRATEGIES, per_task_call, resolve_strategy
 from metaopt.tasks.regression import LinearRegression
 from optimizers import FunctionalOptimizer, GradientTransformation, Params, apply_updates, sgd
 
 INITS = ("zero", "random", "meta")
 BACKENDS = ("func", "higher")
-STRATEGIES = ("auto", "batched", "folded", "vmap", "loop")
 
 OptimizerLike = GradientTransformation | nn.Module
 
 
 def _detached(tree: Params) -> Params:
     return {k: v.detach() for k, v in tree.items()}
-
-
-def _has_convolution(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
 
 
 # Layers whose second-order gradients come out wrong under ``vmap(grad(...))`` (functorch's batching rule for
@@ -190,12 +188,8 @@ class InnerLoop(Learner):
         return self.learned_optimizer is None or bool(getattr(self.learned_optimizer, "elementwise", False))
 
     def resolved_strategy(self) -> str:
-        """The ``func`` strategy actually used (``auto`` resolved by the model's layers)."""
-        if self.strategy != "auto":
-            return self.strategy
-        if not _has_convolution(self.model):
-            return "batched"
-        return "folded" if foldable(self._inner_model()) else "loop"
+        """The ``func`` strategy actually used (``auto`` resolved by the model's layers, ``resolve_strategy``)."""
+        return resolve_strategy(self.strategy, self.model)
 
     def _constant_step(self, step: int) -> bool:
         """Whether the inner gradient of ``step`` is treated as a constant (first-order or truncated away)."""
@@ -203,39 +197,19 @@ class InnerLoop(Learner):
 
     def _inner_model(self) -> nn.Module:
         """The part of the model the inner loop runs: the layers after the frozen body (all of it without one)."""
-        return self.model[self.body_size:] if self.body_size else self.model
+        return _children(self.model, self.body_size, None) if self.body_size else self.model
 
-    def _body(self, shared: Params, x: Tensor) -> Tensor:
+    def _body(self, x: Tensor) -> Tensor:
         """Inputs ``[T, N, *x]`` through the frozen body, once (its weights are the same for every task).
 
         One vmapped call folds the tasks into the batch (no per-task weight copies); normalisation layers
         still see one task at a time.
         """
-        if not self.body_size:
-            return x
-        body = self.model[:self.body_size]
-        weights = {n: p for n, p in shared.items() if int(n.split(".", 1)[0]) < self.body_size}
-        return vmap(lambda inputs: functional_call(body, weights, (inputs,)))(x)
+        return vmap(_children(self.model, 0, self.body_size))(x) if self.body_size else x
 
-    def _inner_shared(self, shared: Params) -> Params:
-        """The shared weights of the layers after the frozen body."""
-        if not self.body_size:
-            return shared
-        return {n: p for n, p in shared.items() if int(n.split(".", 1)[0]) >= self.body_size}
-
-    def _call(self, params: Params, shared: Params, x: Tensor) -> Tensor:
-        return functional_call(self._inner_model(), {**self._inner_shared(shared), **params}, (x,))
-
-    def _run_tasks(self, params: Params, shared: Params, x: Tensor, strategy: str) -> Tensor:
-        """Model outputs for every task: per-task weights ``[T, ...]`` and inputs ``[T, N, *x]``."""
-        if strategy == "folded":
-            num_tasks = x.shape[0]
-            shared = {k: v.expand(num_tasks, *v.shape) for k, v in self._inner_shared(shared).items()}
-            return folded_call(self._inner_model(), {**shared, **params}, x)
-        if strategy == "loop":
-            return torch.stack([self._call({k: v[t] for k, v in params.items()}, shared, x[t])
-                                for t in range(x.shape[0])])
-        return vmap(self._call, in_dims=(0, None, 0))(params, shared, x)
+    def _run_tasks(self, params: Params, x: Tensor, strategy: str) -> Tensor:
+        """Model outputs for every task: adapted weights ``[T, ...]`` (the others shared) and inputs ``[T, N, *x]``."""
+        return per_task_call(self._inner_model(), params, x, strategy=strategy)
 
     # ------------------------------------------------------------------ adaptation
     def adapt(self, episode: Episode) -> Params:
@@ -244,22 +218,22 @@ class InnerLoop(Learner):
             per_task = [self.adapt(one) for one in _single_tasks(episode)]
             return {k: torch.cat([adapted[k] for adapted in per_task]) for k in per_task[0]}
         differentiable = torch.is_grad_enabled()
-        init, shared = self.initial_params()
+        init, _ = self.initial_params()
         opt = self.optimizer()
         ys, kind = episode.y_support, episode.kind
         if self.steps == 0 or episode.num_support == 0:
             return {k: v.expand(episode.num_tasks, *v.shape) for k, v in init.items()}
-        xs = self._body(shared, episode.x_support)
+        xs = self._body(episode.x_support)
         with torch.enable_grad():
             strategy = self.resolved_strategy()
             if strategy == "vmap":
-                adapted = self._adapt_vmap(init, shared, opt, xs, ys, kind, differentiable)
+                adapted = self._adapt_vmap(init, opt, xs, ys, kind, differentiable)
             else:
-                adapted = self._adapt_batched(init, shared, opt, xs, ys, kind, differentiable, strategy)
+                adapted = self._adapt_batched(init, opt, xs, ys, kind, differentiable, strategy)
         return adapted if differentiable else _detached(adapted)
 
-    def _adapt_batched(self, init: Params, shared: Params, opt: GradientTransformation, xs: Tensor, ys: Tensor,
-                       kind: EpisodeKind, differentiable: bool, strategy: str) -> Params:
+    def _adapt_batched(self, init: Params, opt: GradientTransformation, xs: Tensor, ys: Tensor, kind: EpisodeKind,
+                       differentiable: bool, strategy: str) -> Params:
         num_tasks = xs.shape[0]
         params = {k: v.expand(num_tasks, *v.shape) for k, v in init.items()}
         if self.elementwise_optimizer():  # the update of [T, ...] weights is the per-task update
@@ -269,7 +243,7 @@ class InnerLoop(Learner):
         per_task_loss = vmap(kind.loss)
         for step in range(self.steps):
             params = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
-            losses = per_task_loss(self._run_tasks(params, shared, xs, strategy), ys)  # [T]
+            losses = per_task_loss(self._run_tasks(params, xs, strategy), ys)  # [T]
             create_graph = differentiable and not self._constant_step(step)
             grads = dict(zip(params, torch.autograd.grad(losses.sum(), list(params.values()),
                                                          create_graph=create_graph)))
@@ -279,10 +253,10 @@ class InnerLoop(Learner):
                 params, state = _detached(params), _detach_tree(state)
         return params
 
-    def _adapt_vmap(self, init: Params, shared: Params, opt: GradientTransformation, xs: Tensor, ys: Tensor,
-                    kind: EpisodeKind, differentiable: bool) -> Params:
+    def _adapt_vmap(self, init: Params, opt: GradientTransformation, xs: Tensor, ys: Tensor, kind: EpisodeKind,
+                    differentiable: bool) -> Params:
         def support_loss(params: Params, x: Tensor, y: Tensor) -> Tensor:
-            return kind.loss(self._call(params, shared, x), y)
+            return kind.loss(functional_call(self._inner_model(), params, (x,)), y)
 
         grad_fn = grad_and_value(support_loss)
 
@@ -332,9 +306,7 @@ class InnerLoop(Learner):
         return self._shape_outputs(outputs, episode)
 
     def _predict_func(self, episode: Episode) -> Tensor:
-        adapted = self.adapt(episode)
-        _, shared = self.initial_params()
-        return self._run_tasks(adapted, shared, self._body(shared, episode.x_query), self.resolved_strategy())
+        return self._run_tasks(self.adapt(episode), self._body(episode.x_query), self.resolved_strategy())
 
     def _shape_outputs(self, outputs: Tensor, episode: Episode) -> Tensor:
         shape = episode.prediction_shape  # [T, Q, *y], or [T, Q, num_classes] for classification
@@ -351,6 +323,11 @@ class InnerLoop(Learner):
 
 def _single_tasks(episode: Episode) -> list[Episode]:
     return [episode.select_tasks(slice(t, t + 1)) for t in range(episode.num_tasks)]
+
+
+def _children(model: nn.Sequential, start: int, stop: int | None) -> nn.Sequential:
+    """Layers ``start:stop`` of ``model`` as a plain ``nn.Sequential`` keeping their names (also for subclasses)."""
+    return nn.Sequential(OrderedDict(list(model.named_children())[start:stop]))
 
 
 def _frozen_prefix(model: nn.Module, adapted: Sequence[str]) -> int:
@@ -419,4 +396,4 @@ def _differentiable_functional(base: type) -> type:
     return _DiffFunctional
 
 
-__all__ = ["InnerLoop", "INITS", "BACKENDS", "STRATEGIES"]
+__all__ = ["InnerLoop", "INITS", "BACKENDS"]

@@ -30,21 +30,21 @@ from Python:  metaopt.run("quickstart", ["train.steps=200"]) returns the results
 def cmd_run(args: argparse.Namespace) -> int:
     from metaopt.pipelines import run
 
-    run(args.recipe, args.overrides)
+    print(run(args.recipe, args.overrides).report)
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from metaopt.pipelines import run
 
-    run(None, args.overrides, run_dir=args.run_dir, resume=True)
+    print(run(None, args.overrides, run_dir=args.run_dir, resume=True).report)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from metaopt.pipelines import run
 
-    run(None, args.overrides, run_dir=args.run_dir, train=False)
+    print(run(None, args.overrides, run_dir=args.run_dir, train=False).report)
     return 0
 
 

@@ -131,6 +131,7 @@ class TrainSettings:
         """Refuse a family these settings cannot train on (a dimension curriculum needs ``with_active_dims``)."""
         if self.curriculum.dims is not None:
             family.with_active_dims(self.curriculum.dims.start)
+            family.with_active_dims(self.curriculum.dims.end)
 
 
 def _lr_multiplier(schedule: str, warmup_steps: int, total_steps: int):

@@ -84,7 +84,8 @@ def test_environments_share_layer_names_and_learn():
      ("baselines.sgd.lrs=[]", "baselines.sgd.lrs must be a non-empty list"),
      ("learned.per_parameter_mlp.width=3", r"learned.per_parameter_mlp: unknown argument\(s\) \['width'\]"),
      ("baselines.adam.optimizer.beta=0.9", r"baselines.adam.optimizer: unknown argument\(s\) \['beta'\]"),
-     ("evaluation.seeds=0", "evaluation.seeds must be an int >= 1")],
+     ("evaluation.seeds=0", "evaluation.seeds must be an int >= 1"),
+     ("environment.horizn=3", "environment.horizn is not used by any environment")],
 )
 def test_bad_settings_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -110,3 +111,12 @@ def test_a_learned_optimizer_of_the_users_own_is_meta_trained(tmp_path):
     assert set(results["meta_training"]) == {"layerwise_mixture", "per_parameter_mlp", "small_mlp"}
     assert (run_dir / "checkpoints" / "small_mlp.pt").exists()
     assert "small_mlp" in results["evaluation"]["unseen_wine"]["2T"]["optimizers"]
+
+
+def test_an_optimizer_run_is_not_resumed_and_its_folder_is_left_alone(tmp_path):
+    out = tmp_path / "runs"
+    assert cli_main(["run", RECIPE, f"output_dir={out}", *TINY]) == 0
+    (run_dir,) = (out / "specialized_optimizer").iterdir()
+    before = (run_dir / "config.yaml").read_text()
+    assert cli_main(["resume", str(run_dir), "meta_train.steps=99"]) == 2
+    assert (run_dir / "config.yaml").read_text() == before

@@ -73,13 +73,13 @@ def test_pipeline_kinds_are_a_plain_mapping(recipe, tmp_path, monkeypatch):
 
     def execute(experiment, opened, *, resume, train):
         seen["experiment"] = experiment
-        return {"done": True}
+        return {"done": True}, "echoed"
 
     echo = Pipeline(PIPELINES["episodes"].schema, lambda config, source: None, lambda config: "built", execute)
     monkeypatch.setitem(PIPELINES, "echo", echo)
     recipe.write_text("pipeline: echo\n" + recipe.read_text())
     result = run(str(recipe), [f"output_dir={tmp_path}"])
-    assert seen == {"experiment": "built"} and result.results == {"done": True}
+    assert seen == {"experiment": "built"} and result.results == {"done": True} and result.report == "echoed"
     with pytest.raises(AttributeError, match="has no comparison"):
         result.comparison
 
@@ -103,3 +103,30 @@ def test_divergence_is_reported_with_its_exit_code(recipe, tmp_path, capsys):
     code = main(["run", str(recipe), f"output_dir={tmp_path}", "learners={boom: {_target_: test_pipeline.Exploding}}",
                  "claims=[]"])
     assert code == 3 and "training diverged" in capsys.readouterr().err
+
+
+def test_a_pipeline_override_is_the_kind_and_a_bad_one_is_refused(recipe, tmp_path):
+    with pytest.raises(ConfigError, match="pipeline='foo' is not allowed"):
+        load(str(recipe), ["pipeline=foo"])
+    with pytest.raises(ConfigError, match="not in 'OptimizerRecipe'"):  # checked against the optimizer schema
+        load(str(recipe), ["pipeline=optimizer"])
+
+
+def test_hooks_taking_any_option_and_unresolvable_interpolations(recipe, tmp_path):
+    config = load(str(recipe), ["evaluate=[{_target_: test_pipeline.any_options_hook, tag: 1, colour: red}]"])
+    assert len(config.evaluate) == 1
+    with pytest.raises(ConfigError, match="unknown purpose"):
+        load(str(recipe), ["learners.least_squares.ridge=${seed:tunning}"])
+    with pytest.raises(ConfigError, match="give a recipe or a run_dir"):
+        run(str(recipe), run_dir=tmp_path)
+
+
+def any_options_hook(learners, **options):
+    """A hook that takes any option."""
+    return options
+
+
+def test_run_folders_made_before_the_kinds_were_named_still_load():
+    from metaopt.pipelines import validate
+
+    assert validate(TINY | {"pipeline": "learners"}).pipeline == "episodes"

@@ -33,7 +33,6 @@ class Learner(nn.Module):
 
     kinds: ClassVar[tuple[str, ...]] = ("regression",)
     implicit: ClassVar[bool] = False
-
     capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.QUERY_GRADIENTS})
 
     @classmethod

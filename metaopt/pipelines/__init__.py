@@ -23,9 +23,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from metaopt.allocator import keep_freed_memory
-from metaopt.config import CommonSettings, ConfigError, find_recipe, merge, read_recipe, settings, to_yaml
+from metaopt.config import (
+    CommonSettings, ConfigError, describe, find_recipe, merge, read_recipe, settings, to_yaml,
+)
 from metaopt.log import CONFIG_FILE, Run
 from metaopt.pipelines import episodes, optimizer
 from metaopt.seeds import SeedPlan
@@ -37,18 +40,26 @@ logger = logging.getLogger("metaopt")
 
 @dataclass(frozen=True)
 class Pipeline:
-    """One kind of experiment: its recipe schema and its three steps."""
+    """One kind of experiment: its recipe schema and its three steps.
+
+    ``execute(experiment, run, *, resume, train)`` returns ``(results, report)``: what the run produced and a
+    plain-text report (the tables the CLI prints). ``resumable`` says whether ``resume`` and re-comparing
+    an existing run folder make sense for the kind.
+    """
 
     schema: type
     validate: Callable[[DictConfig, str], None]
     build: Callable[[DictConfig], Any]
-    execute: Callable[..., dict[str, Any]]
+    execute: Callable[..., tuple[dict[str, Any], str]]
+    resumable: bool = True
 
 
 PIPELINES: dict[str, Pipeline] = {
     "episodes": Pipeline(episodes.EpisodeRecipe, episodes.validate, episodes.build, episodes.execute),
-    "optimizer": Pipeline(optimizer.OptimizerRecipe, optimizer.validate, optimizer.build, optimizer.execute),
+    "optimizer": Pipeline(optimizer.OptimizerRecipe, optimizer.validate, optimizer.build, optimizer.execute,
+                          resumable=False),
 }
+LEGACY_KINDS = {"learners": "episodes"}  # run folders made before the pipeline kinds were named
 
 
 @dataclass
@@ -63,29 +74,41 @@ class RunResult:
     path: Path
     config: DictConfig
     results: dict[str, Any]
+    report: str = ""
 
     @property
-    def comparison(self):
+    def comparison(self) -> Any:
         """The comparison of an ``episodes`` run."""
         if "comparison" not in self.results:
             raise AttributeError(f"a {self.config.pipeline!r} run has no comparison; see .results")
         return self.results["comparison"]
 
 
-def _kind(data: dict | DictConfig, source: str) -> Pipeline:
+def _kind(data: dict | DictConfig, overrides: Sequence[str], source: str) -> str:
+    """The recipe's pipeline kind: its ``pipeline`` key, or a ``pipeline=...`` override."""
     kind = data.get("pipeline", "episodes")
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "pipeline":
+            kind = value.strip()
+    kind = LEGACY_KINDS.get(kind, kind)
     if kind not in PIPELINES:
         raise ConfigError(f"{source}: pipeline={kind!r} is not allowed; expected one of {list(PIPELINES)}")
-    return PIPELINES[kind]
+    return kind
 
 
 def validate(raw: dict | DictConfig, overrides: Sequence[str] = (), source: str = "recipe") -> DictConfig:
     """A raw recipe mapping and overrides, merged onto its kind's schema and checked."""
-    kind = _kind(raw, source)
-    config = merge(kind.schema, raw, overrides, source)
-    common = {f.name: config[f.name] for f in dataclasses.fields(CommonSettings) if f.name != "wandb"}
-    settings(common, CommonSettings, "")
-    kind.validate(config, source)
+    kind = _kind(raw, overrides, source)
+    raw = OmegaConf.merge(raw, {"pipeline": kind})
+    config = merge(PIPELINES[kind].schema, raw, overrides, source)
+    try:
+        OmegaConf.resolve(OmegaConf.create(OmegaConf.to_container(config)))  # every interpolation resolves
+        common = {f.name: config[f.name] for f in dataclasses.fields(CommonSettings) if f.name != "wandb"}
+        settings(common, CommonSettings, "")
+        PIPELINES[kind].validate(config, source)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{source}: {describe(error)}") from error
     return config
 
 
@@ -144,6 +167,8 @@ def run(
         ConfigError: a bad setting (before any work is done or any folder made).
         metaopt.train.DivergenceError: training produced a non-finite loss (``train.on_nonfinite=stop``).
     """
+    if run_dir is not None and recipe is not None:
+        raise ConfigError("give a recipe or a run_dir, not both: a run folder's saved config is its recipe")
     if run_dir is not None:
         config, path = load_run(run_dir, overrides)
     elif isinstance(recipe, DictConfig):
@@ -154,11 +179,14 @@ def run(
         raise ConfigError("run needs a recipe (a name, a YAML path or a loaded config) or a run_dir")
     if (resume or not train) and path is None:
         raise ConfigError("resume=True and train=False need run_dir, the folder of the run to continue")
+    if (resume or not train) and not PIPELINES[config.pipeline].resumable:
+        raise ConfigError(f"{config.pipeline!r} recipes run in one go: resume and re-compare are not supported; "
+                          "start a new run with `metaopt run`")
     if config.threads:  # before building: some components compute when built (a pre-trained environment)
         torch.set_num_threads(config.threads)
     experiment = build(config)
     keep_freed_memory()  # large activations reuse freed memory instead of fresh pages (metaopt/allocator.py)
     with _open_run(config, path) as opened:
         logger.info("run folder: %s", opened.path)
-        results = PIPELINES[config.pipeline].execute(experiment, opened, resume=resume, train=train)
-    return RunResult(opened.path, config, results)
+        results, report = PIPELINES[config.pipeline].execute(experiment, opened, resume=resume, train=train)
+    return RunResult(opened.path, config, results, report)

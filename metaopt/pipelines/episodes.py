@@ -100,7 +100,8 @@ def _hook(spec: DictConfig, where: str) -> tuple[Callable, dict[str, Any]]:
     path = options.pop("_target_")
     target = import_target(path, where)
     parameters = inspect.signature(target).parameters
-    unknown = [key for key in options if key not in parameters]
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    unknown = [] if takes_any else [key for key in options if key not in parameters]
     needed = [n for n, p in parameters.items() if p.default is inspect.Parameter.empty
               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in options]
     missing = [n for n in needed if n not in HOOK_ARGUMENTS]
@@ -207,7 +208,7 @@ def _load_trained(experiment: EpisodeExperiment, run: Run) -> None:
         experiment.learners[name].load_state_dict(state)
 
 
-def _compare_and_report(experiment: EpisodeExperiment, run: Run) -> Comparison:
+def _compare_and_report(experiment: EpisodeExperiment, run: Run) -> tuple[Comparison, str]:
     config, c = experiment.config, experiment.compare
     result = comparing.compare(
         experiment.learners, experiment.eval_family, support_sizes=c.support_sizes, num_tasks=c.num_tasks,
@@ -224,9 +225,8 @@ def _compare_and_report(experiment: EpisodeExperiment, run: Run) -> Comparison:
     for i, k in enumerate(result.support_sizes):
         run.log({f"compare/{name}/{result.metric}": curve.mean[i] for name, curve in result.curves.items()}
                 | {"compare/k": k})
-    print(comparing.format_table(result))
-    print(f"\nresults: {results_path}\nplot:    {figure_path}\nrun:     {run.path}")
-    return result
+    report = f"{comparing.format_table(result)}\n\nresults: {results_path}\nplot:    {figure_path}\nrun:     {run.path}"
+    return result, report
 
 
 def _evaluate(experiment: EpisodeExperiment, run: Run) -> dict[str, Any]:
@@ -242,11 +242,12 @@ def _evaluate(experiment: EpisodeExperiment, run: Run) -> dict[str, Any]:
     return results
 
 
-def execute(experiment: EpisodeExperiment, run: Run, *, resume: bool = False, train: bool = True) -> dict[str, Any]:
-    """Train (or load), compare, report and evaluate; returns ``{"comparison": ..., "evaluations": ...}``."""
+def execute(experiment: EpisodeExperiment, run: Run, *, resume: bool = False,
+            train: bool = True) -> tuple[dict[str, Any], str]:
+    """Train (or load), compare and evaluate; returns ``{"comparison": ..., "evaluations": ...}`` and the report."""
     if train:
         _train_all(experiment, run, resume)
     else:
         _load_trained(experiment, run)
-    comparison = _compare_and_report(experiment, run)
-    return {"comparison": comparison, "evaluations": _evaluate(experiment, run)}
+    comparison, report = _compare_and_report(experiment, run)
+    return {"comparison": comparison, "evaluations": _evaluate(experiment, run)}, report

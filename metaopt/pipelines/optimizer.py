@@ -26,13 +26,14 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import optimizers as O
@@ -160,11 +161,22 @@ def _runtime_arguments(target: Callable) -> list[str]:
     return [name for name in RUNTIME_ARGUMENTS if name in parameters]
 
 
+def _check_shared_values(config: DictConfig, source: str) -> None:
+    """Every key of ``environment`` is used by an ``${environment.KEY}`` of ``environments`` (else: a misspelling)."""
+    used = set(re.findall(r"\$\{environment\.(\w+)", str(OmegaConf.to_container(config.environments, resolve=False))))
+    unused = sorted(set(config.environment) - used)
+    if unused:
+        raise ConfigError(f"{source}: environment.{unused[0]} is not used by any environment (they use "
+                          f"{sorted(used)}); set it in an entry of environments or interpolate it as "
+                          f"${{environment.{unused[0]}}}")
+
+
 def validate(config: DictConfig, source: str) -> None:
     """Every check that needs nothing built: the ``_target_`` entries and their arguments, the settings."""
     if not config.environments:
         raise ConfigError(f"{source}: environments is empty; name at least one with a _target_ "
                           "(e.g. metaopt.environments.digits_finetuning)")
+    _check_shared_values(config, source)
     for name, spec in config.environments.items():
         check_spec(spec, f"environments.{name}")
     if not config.baselines:
@@ -272,7 +284,8 @@ def meta_train(
         outer.step()
         losses.append(estimate.loss)
     if not losses:
-        raise RuntimeError(f"every one of {steps} meta-gradient estimates was non-finite; lower meta_train.sigma "
+        raise RuntimeError(f"every one of {steps} meta-gradient estimates was non-finite; lower "
+                           "meta_train.estimator.sigma "
                            "or the base learning rates")
     return losses
 
@@ -339,11 +352,11 @@ def _plot_coefficients(alphas: torch.Tensor, layers: list[str], directions: list
 
 
 # ---------------------------------------------------------------------- the pipeline
-def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False, train: bool = True) -> dict[str, Any]:
-    """Run the whole experiment into ``run``; returns the results (also written to ``results.json``)."""
-    if resume or not train:
-        raise ConfigError("optimizer recipes run in one go: resume and re-compare are not supported; "
-                          "start a new run with `metaopt run`")
+def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False,
+            train: bool = True) -> tuple[dict[str, Any], str]:
+    """Run the whole experiment into ``run``; returns the results (also written to ``results.json``) and the
+    report. The pipeline is not resumable (``metaopt.pipelines`` refuses ``resume`` and re-comparing)."""
+    del resume, train
     seeds, m, ev = experiment.seeds, experiment.meta_train, experiment.evaluation
     environments = experiment.environments
     first = next(iter(environments.values()))
@@ -413,9 +426,7 @@ def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False, 
     run.summary({f"{env}/{h}/{name}/steps_to_reference_final": r["steps_to_reference_final"]
                  for env, by_h in evaluation.items() for h, rows in by_h.items()
                  for name, r in rows["optimizers"].items()})
-    print(format_table(results))
-    print(f"\nresults: {run.path / 'results.json'}\nfigures: {run.figure_dir}")
-    return results
+    return results, f"{format_table(results)}\n\nresults: {run.path / 'results.json'}\nfigures: {run.figure_dir}"
 
 
 def _horizon_results(curves: dict[str, torch.Tensor], horizons: dict[str, int], reference: str) -> dict[str, Any]:

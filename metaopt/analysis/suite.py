@@ -37,6 +37,7 @@ from metaopt.analysis.interpolation import align_scales, gd_construction, interp
 from metaopt.analysis.probes import probe_difference, probe_inputs, probe_predictions
 from metaopt.analysis.sensitivity import sensitivity_similarity
 from metaopt.episodes import Episode
+from metaopt.kinds import REGRESSION
 from metaopt.learners.base import Learner
 from metaopt.learners.capabilities import Capability, missing
 
@@ -82,7 +83,7 @@ def _probes(episode: Episode, num_probes: int | None, seed: int) -> torch.Tensor
 
 
 def _check_regression(name: str, episode: Episode) -> None:
-    if episode.kind != "regression":
+    if episode.kind is not REGRESSION:
         raise ValueError(f"compare analysis {name!r} compares with gradient descent on regression; "
                          f"got {episode.kind!r} episodes")
 

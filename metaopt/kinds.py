@@ -65,8 +65,10 @@ class EpisodeKind(str):
         raise NotImplementedError  # pragma: no cover - every kind overrides it
 
     def metric(self, error_scale: float = 1.0) -> Metric:
-        """How ``compare`` scores this kind by default (``error_scale`` normalises regression errors)."""
-        raise NotImplementedError  # pragma: no cover - every kind overrides it
+        """How ``compare`` scores this kind by default: accuracy for discrete labels (``error_scale`` normalises
+        regression errors, which override this)."""
+        del error_scale
+        return Accuracy()
 
     def correct(
         self, predictions: torch.Tensor, targets: torch.Tensor, *, tolerance: float | None = None
@@ -137,10 +139,6 @@ class Binary(EpisodeKind):
     def loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(predictions, targets)
 
-    def metric(self, error_scale: float = 1.0) -> Metric:
-        del error_scale
-        return Accuracy()
-
     def correct(
         self, predictions: torch.Tensor, targets: torch.Tensor, *, tolerance: float | None = None
     ) -> torch.Tensor:
@@ -179,10 +177,6 @@ class Classification(EpisodeKind):
 
     def loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(predictions.flatten(0, -2), targets.flatten())
-
-    def metric(self, error_scale: float = 1.0) -> Metric:
-        del error_scale
-        return Accuracy()
 
     def correct(
         self, predictions: torch.Tensor, targets: torch.Tensor, *, tolerance: float | None = None

@@ -213,7 +213,8 @@ def build(config: DictConfig) -> OptimizerExperiment:
         grids[name] = [float(lr) for lr in baseline.lrs]
     meta_train = settings(config.meta_train, MetaTrainSettings, "meta_train")
     estimator = instantiate({**meta_train.estimator, "_partial_": True}, "meta_train.estimator")
-    return OptimizerExperiment(config, environments, baselines, grids, settings(config.tuning, TuningSettings, "tuning"),
+    tuning = settings(config.tuning, TuningSettings, "tuning")
+    return OptimizerExperiment(config, environments, baselines, grids, tuning,
                                {name: plain(spec) for name, spec in config.learned.items()}, estimator, meta_train,
                                settings(config.evaluation, EvaluationSettings, "evaluation"))
 
@@ -388,7 +389,8 @@ def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False,
 
     # 3. evaluation: every optimizer on every environment for `long` steps, mean over fresh seeds
     factories: dict[str, OptimizerFactory] = {
-        **{name: (lambda _, make=make, lr=searches[name].best: make(lr)) for name, make in experiment.baselines.items()},
+        **{name: (lambda _, make=make, lr=searches[name].best: make(lr))
+           for name, make in experiment.baselines.items()},
         **{name: module.optimizer for name, module in learned.items()},
     }
     eval_seeds = [seeds.evaluation(i) for i in range(ev.seeds)]

@@ -17,13 +17,14 @@ from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from metaopt import compare as comparing
 from metaopt.analysis.suite import parse_analyses
 from metaopt.analysis.tracking import plot_tracked, sensitivity_references, sensitivity_tracker
 from metaopt.compare import ClaimSpec, CompareSettings, Comparison
 from metaopt.config import (
-    CommonSettings, ConfigError, build_instance, check_spec, import_target, plain, settings,
+    CommonSettings, ConfigError, build_instance, check_spec, describe, import_target, plain, settings,
 )
 from metaopt.learners.base import Learner
 from metaopt.log import Run
@@ -80,8 +81,8 @@ def train_settings(config: DictConfig, learner: str) -> TrainSettings:
     where = f"learners.{learner}.train" if own is not None else "train"
     try:
         merged = OmegaConf.merge(config.train, own) if own is not None else config.train
-    except Exception as error:  # an omegaconf key or type error in the learner's block
-        raise ConfigError(f"{where}: {str(error).splitlines()[0]}") from error
+    except OmegaConfBaseException as error:  # a key or type error in the learner's block
+        raise ConfigError(f"{where}: {describe(error)}") from error
     return settings(merged, TrainSettings, where)
 
 

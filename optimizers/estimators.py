@@ -21,6 +21,17 @@ Accuracy (tests/test_estimators.py): on a quadratic inner problem trained by SGD
 two 2-step truncations match the autograd gradient to a relative error ``‖ĝ - g‖ / ‖g‖`` below 0.12, the
 tested tolerance, about three standard errors of ES at that size (measured: 0.010 for ES, 0.024 for PES). The
 error shrinks as ``1/sqrt(N)``; the antithetic pairs cancel any constant baseline exactly.
+
+Under ``torch.distributed`` (world size ``W > 1``) ES and PES split their pairs over the ranks: pair ``i`` is
+evaluated by rank ``i % W`` only. Every rank still draws every pair's perturbation and inner-run seed, in the
+order one process draws them, from its own ``generator``, which must therefore be in the same state on every
+rank (the same seed): the draws are cheap next to an unroll, and they keep the ``ε_i``, the inner runs and the
+generator state after the call exactly those of one process. The per-pair losses ``L_i^±`` are then summed over
+the ranks by one ``all_reduce`` of a zero-padded ``[2, N]`` float64 table (each entry is non-zero on one rank
+only, so the sum is exact) and every rank forms the estimate from the whole table, as one process does: the
+returned :class:`GradientEstimate` is the same on every rank and bit-identical to the single-process one, not
+just equal to summation-order tolerance, at the cost of ``2N`` numbers per call whatever the size of ``φ``.
+Backpropagation does one inner run: there is nothing to split, and every rank computes the same estimate.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import torch
 from torch import Tensor
 
 from optimizers._checks import positive_float, positive_int
+from optimizers._distributed import all_reduce_sum_, world
 from optimizers.environments import MetaParams, OptimizerFactory, TrainState, Unroll
 
 __all__ = [
@@ -109,6 +121,8 @@ class TruncatedBackprop(GradientEstimator):
 
     ``ĝ = ∇φ 1/T Σ_{t ≥ T-K} ℓ(θ_t)`` with ``θ_{T-K}`` held constant: the first ``T - K`` steps run without a
     graph (their losses still count in the reported loss). ``K = T`` is exact backpropagation (:class:`FullBackprop`).
+    Under ``torch.distributed`` there is one inner run and nothing to split: every rank, given a generator in the
+    same state, computes the same estimate without communicating.
 
     Args:
         steps: unroll length ``T`` (default: the environment's horizon).
@@ -173,6 +187,25 @@ class _Perturbations:
         }
 
 
+def _share_pair_losses(
+    pluses: list[float], minuses: list[float], device: torch.device
+) -> tuple[list[float], list[float]]:
+    """Every pair's ``L^±`` on every rank: a rank fills in its own pairs (zeros elsewhere) and the tables are summed.
+
+    Each pair is evaluated on exactly one rank, so the sum is exact (``x + 0 = x``; NaN and inf propagate). One
+    process returns its lists as they are.
+    """
+    if world()[1] == 1:
+        return pluses, minuses
+    table = torch.tensor([pluses, minuses], dtype=torch.float64, device=device)
+    all_reduce_sum_([table])
+    return table[0].tolist(), table[1].tolist()
+
+
+def _device(meta_params: MetaParams) -> torch.device:
+    return next(iter(meta_params.values())).device
+
+
 def _es_metrics(pluses: list[float], minuses: list[float], grads: dict[str, Tensor]) -> dict[str, float]:
     diffs = torch.tensor(pluses) - torch.tensor(minuses)
     return {"grad_norm": _norm(grads), "pair_difference_std": float(diffs.std()) if len(diffs) > 1 else 0.0}
@@ -201,18 +234,24 @@ class AntitheticES(GradientEstimator):
     @torch.no_grad()
     def estimate(self, environment, optimizer, meta_params, *, generator):
         steps = _steps(self.steps, environment)
+        rank, size = world()
         directions, pluses, minuses = [], [], []
-        for _ in range(self._perturb.pairs):
-            eps = self._perturb.draw(meta_params, generator)
+        for i in range(self._perturb.pairs):
+            eps = self._perturb.draw(meta_params, generator)  # every rank draws every pair, as one process does
             run_seed = _seed(generator)
+            directions.append(eps)
+            if i % size != rank:  # another rank evaluates this pair
+                pluses.append(0.0)
+                minuses.append(0.0)
+                continue
             losses = []
             for sign in (1.0, -1.0):
                 shifted = self._perturb.shifted(meta_params, eps, sign)
                 run = torch.Generator().manual_seed(run_seed)  # the same inner run for both members of the pair
                 losses.append(float(environment.unroll(optimizer, shifted, steps, generator=run).losses.mean()))
-            directions.append(eps)
             pluses.append(losses[0])
             minuses.append(losses[1])
+        pluses, minuses = _share_pair_losses(pluses, minuses, _device(meta_params))
         grads = self._perturb.combine(directions, [p - m for p, m in zip(pluses, minuses)])
         loss = 0.5 * (sum(pluses) + sum(minuses)) / self._perturb.pairs
         return GradientEstimate(loss, grads, _es_metrics(pluses, minuses, grads))
@@ -222,8 +261,8 @@ class AntitheticES(GradientEstimator):
 class _Particle:
     """One antithetic PES pair: its two inner runs and the accumulated unit perturbation ``ξ``."""
 
-    plus: TrainState
-    minus: TrainState
+    plus: TrainState | None  # None (both runs) when another rank runs this pair; it keeps ξ only
+    minus: TrainState | None
     xi: dict[str, Tensor]
 
 
@@ -237,7 +276,9 @@ class PES(GradientEstimator):
     truncations of a run it estimates the gradient of the whole unroll, unlike truncated ES.
 
     The estimator is stateful: successive calls continue the same inner runs for ``truncation`` steps each and
-    start new ones once ``steps`` are done (:meth:`reset` forces a restart).
+    start new ones once ``steps`` are done (:meth:`reset` forces a restart). Under ``torch.distributed`` a rank
+    keeps the inner runs of its own pairs only (and every pair's ``ξ``, which is the size of ``φ``); the process
+    group must stay the same until the runs restart.
 
     Args:
         steps: length ``T`` of each inner run (default: the environment's horizon).
@@ -253,6 +294,7 @@ class PES(GradientEstimator):
         self._perturb = _Perturbations(sigma, pairs, owner=type(self).__name__)
         self._particles: list[_Particle] = []
         self._done = 0
+        self._world = (0, 1)  # (rank, world size) the current inner runs were started on
 
     def reset(self) -> None:
         """Forget the inner runs: the next call starts new ones."""
@@ -266,22 +308,30 @@ class PES(GradientEstimator):
     @torch.no_grad()
     def estimate(self, environment, optimizer, meta_params, *, generator):
         steps = _steps(self.steps, environment)
+        if self._particles and world() != self._world:
+            raise RuntimeError(f"PES: the inner runs were started as (rank, world size) {self._world}, and this call "
+                               f"runs as {world()}; call reset() after changing the process group")
         if not self._particles or self._done >= steps:
             self._start(environment, optimizer, meta_params, generator)
         length = min(self.truncation, steps - self._done)
         directions, pluses, minuses = [], [], []
         for particle in self._particles:
-            eps = self._perturb.draw(meta_params, generator)
+            eps = self._perturb.draw(meta_params, generator)  # every rank draws every pair, as one process does
             particle.xi = {k: particle.xi[k] + eps[k] for k in eps}
+            directions.append(particle.xi)
+            if particle.plus is None:  # another rank runs this pair
+                pluses.append(0.0)
+                minuses.append(0.0)
+                continue
             plus = environment.unroll(optimizer, self._perturb.shifted(meta_params, eps, 1.0), length,
                                       state=particle.plus)
             minus = environment.unroll(optimizer, self._perturb.shifted(meta_params, eps, -1.0), length,
                                        state=particle.minus)
             particle.plus, particle.minus = plus.state, minus.state
-            directions.append(particle.xi)
             pluses.append(float(plus.losses.mean()))
             minuses.append(float(minus.losses.mean()))
         self._done += length
+        pluses, minuses = _share_pair_losses(pluses, minuses, _device(meta_params))
         grads = self._perturb.combine(directions, [p - m for p, m in zip(pluses, minuses)])
         loss = 0.5 * (sum(pluses) + sum(minuses)) / self._perturb.pairs
         metrics = _es_metrics(pluses, minuses, grads) | {"inner_step": float(self._done)}
@@ -289,7 +339,12 @@ class PES(GradientEstimator):
 
     def _start(self, environment, optimizer, meta_params, generator) -> None:
         self._particles, self._done = [], 0
-        for _ in range(self._perturb.pairs):
-            seed = _seed(generator)
-            plus, minus = (environment.init(optimizer, meta_params, torch.Generator().manual_seed(seed)) for _ in "+-")
+        rank, size = self._world = world()
+        for i in range(self._perturb.pairs):
+            seed = _seed(generator)  # drawn on every rank, so later pairs get the seeds they get on one process
+            if i % size == rank:
+                plus, minus = (environment.init(optimizer, meta_params, torch.Generator().manual_seed(seed))
+                               for _ in "+-")
+            else:
+                plus = minus = None
             self._particles.append(_Particle(plus, minus, {k: torch.zeros_like(v) for k, v in meta_params.items()}))

@@ -3,6 +3,11 @@
 Every learner — in-context (implicit) or explicit — sees exactly the same tasks, support sets and
 queries. For each support size k the comparison records the metric's mean with a bootstrap band,
 and for each pair (implicit A, explicit B) how similar their predictions are.
+
+Under torchrun the held-out tasks are split over the ranks in whole chunks of ``chunk_size`` tasks and the
+predictions gathered, so each chunk is computed exactly as in a single process and every number of the
+comparison is bit-identical to a single-process run's; the scores, bands and analyses are then computed on
+every rank from the same gathered predictions.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from metaopt import distributed
 from metaopt.analysis.suite import format_analysis, parse_analyses, plot_analysis, run_analyses
 from metaopt.checks import non_negative_int, positive_int, sequence_of
 from metaopt.episodes import Episode
@@ -125,14 +131,22 @@ class Comparison:
 def predict_all(
     learner: Learner, episode: Episode, support_sizes: Sequence[int], chunk_size: int = 512
 ) -> torch.Tensor:
-    """Query predictions ``[K, T, Q, ...]`` for each support size, over chunks of tasks."""
+    """Query predictions ``[K, T, Q, ...]`` for each support size, over chunks of tasks.
+
+    In a distributed run each rank predicts a contiguous block of whole chunks and every rank gets all of
+    them back (on the CPU).
+    """
     was_training = learner.training
     learner.eval()
+    starts = range(0, episode.num_tasks, chunk_size)
+    current = distributed.world()
     chunks = [
         learner.predict_by_support_size(episode.select_tasks(slice(start, start + chunk_size)), support_sizes)
-        for start in range(0, episode.num_tasks, chunk_size)
+        for start in starts[distributed.share(len(starts), current)]
     ]
     learner.train(was_training)
+    if current.size > 1:
+        chunks = [chunk for rank in distributed.all_gather_objects([c.cpu() for c in chunks]) for chunk in rank]
     return torch.cat(chunks, dim=1)
 
 
@@ -182,7 +196,8 @@ def compare(
     band_generator = generator(band_seed)
     predictions: dict[str, torch.Tensor] = {}
     curves: dict[str, Curve] = {}
-    for name, learner in tqdm(learners.items(), desc="compare", disable=None if progress else True, leave=False):
+    quiet = not (progress and distributed.is_main())
+    for name, learner in tqdm(learners.items(), desc="compare", disable=None if not quiet else True, leave=False):
         learner.to(device)
         predictions[name] = predict_all(learner, episode, support_sizes, chunk_size).cpu()
         per_task = score_by_support_size(metric, predictions[name], episode.to("cpu"), support_sizes)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from types import MappingProxyType
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -132,8 +132,16 @@ class Episode:
         return dataclasses.replace(self, **changes)
 
     def to(self, device: torch.device | str) -> "Episode":
-        """The same episode on another device."""
-        return self._map(lambda t: t.to(device))
+        """The same episode on another device.
+
+        A host-to-CUDA move goes through pinned memory and does not wait for the copy, so sampling the next
+        batch on the CPU overlaps the device's work (CUDA orders the copy before any kernel that reads it).
+        """
+        device = torch.device(device)
+        if device.type != "cuda":
+            return self._map(lambda t: t.to(device))
+        return self._map(lambda t: t.pin_memory().to(device, non_blocking=True) if t.device.type == "cpu"
+                         else t.to(device))
 
     def take_support(self, k: int) -> "Episode":
         """The episode restricted to the first ``k`` support examples (queries unchanged)."""
@@ -163,3 +171,22 @@ class Episode:
             f"Episode(kind={self.kind!r}, tasks={self.num_tasks}, support={self.num_support}, "
             f"query={self.num_query}, x={self.x_shape}, info={{{info}}})"
         )
+
+
+def concatenate(episodes: Sequence[Episode]) -> Episode:
+    """One episode holding the tasks of several (same kind, shapes and class count), in order."""
+    if not episodes:
+        raise ValueError("concatenate needs at least one episode")
+    first = episodes[0]
+    if any(e.kind != first.kind or e.num_classes != first.num_classes or set(e.info) != set(first.info)
+           or (e.x_unlabeled is None) != (first.x_unlabeled is None) for e in episodes):
+        raise ValueError("concatenate needs episodes of one kind, class count and info keys")
+
+    def cat(name: str) -> torch.Tensor | None:
+        parts = [getattr(e, name) for e in episodes]
+        return None if parts[0] is None else torch.cat(parts)
+
+    return Episode(x_support=cat("x_support"), y_support=cat("y_support"), x_query=cat("x_query"),
+                   y_query=cat("y_query"), kind=first.kind, x_unlabeled=cat("x_unlabeled"),
+                   info={k: torch.cat([e.info[k] for e in episodes]) for k in first.info},
+                   num_classes=first.num_classes)

@@ -3,7 +3,8 @@
 The local folder is the source of truth: ``runs/<name>/<timestamp>/`` holds the resolved config,
 ``metrics.jsonl``, ``summary.json``, ``figures/`` and ``checkpoints/``. W&B (``offline`` by default)
 gets the same metrics, config, summary and figures; any W&B failure is reported once and the run
-goes on locally.
+goes on locally. In a distributed run rank 0 alone writes the folder and the W&B run: on the other ranks a
+``Run`` knows the folder (to read checkpoints) and writes nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, get_args
+
+from metaopt import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +63,9 @@ class Run:
         wandb_mode: ``online``, ``offline`` (default) or ``disabled``.
         project, entity, tags: W&B run fields.
         path: an existing run folder to continue (resume) instead of making a new one.
+
+    Under torchrun every rank makes its ``Run`` at the same point: rank 0 names the folder and the others
+    receive its path; only rank 0 writes (``writes``).
     """
 
     @classmethod
@@ -87,12 +93,15 @@ class Run:
         self.config = dict(config)
         if path is None:
             stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-            path = Path(root) / name / stamp
+            path = distributed.broadcast_object(Path(root) / name / stamp)
         self.path = Path(path)
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        self.figure_dir.mkdir(parents=True, exist_ok=True)
+        self.writes = distributed.is_main()
         self._wandb = None
         self._wandb_failed = False
+        if not self.writes:
+            return
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self.figure_dir.mkdir(parents=True, exist_ok=True)
         if wandb_mode != "disabled":
             self._start_wandb(wandb_mode, project, entity, tags or [])
 
@@ -157,11 +166,14 @@ class Run:
     def write_config(self, yaml_text: str) -> Path:
         """Write the resolved config next to the results."""
         target = self.path / CONFIG_FILE
-        target.write_text(yaml_text)
+        if self.writes:
+            target.write_text(yaml_text)
         return target
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Append a row to ``metrics.jsonl`` and mirror it to W&B."""
+        if not self.writes:
+            return
         row = {"step": step, **_jsonable(metrics)} if step is not None else _jsonable(metrics)
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -171,6 +183,8 @@ class Run:
     def summary(self, values: Mapping[str, Any]) -> None:
         """Merge values into ``summary.json`` and the W&B summary."""
         target = self.path / "summary.json"
+        if not self.writes:
+            return
         current = json.loads(target.read_text()) if target.exists() else {}
         current.update(_jsonable(values))
         target.write_text(json.dumps(current, indent=2))
@@ -180,6 +194,8 @@ class Run:
     def save_figure(self, figure, name: str) -> Path:
         """Save a matplotlib figure as ``figures/<name>.png`` and mirror it to W&B as an image."""
         target = self.figure_dir / f"{name}.png"
+        if not self.writes:
+            return target
         figure.savefig(target, dpi=120, bbox_inches="tight")
         if self._wandb is not None:
 
@@ -194,6 +210,8 @@ class Run:
     def save_json(self, payload: Mapping[str, Any], name: str) -> Path:
         """Write ``<name>.json`` into the run folder."""
         target = self.path / f"{name}.json"
+        if not self.writes:
+            return target
         target.write_text(json.dumps(_jsonable(payload), indent=2))
         return target
 

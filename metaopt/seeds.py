@@ -11,8 +11,9 @@ purpose                seed                            used by
 =====================  ==============================  ==================================================
 ``init``               ``seed``                        ``torch.manual_seed`` before the learners are built
                                                        (their initial meta-parameters)
-``training(name)``     ``seed``                        each learner's training episodes (every learner
-                                                       draws the same stream: they train on the same tasks)
+``training(name, s)``  ``seed`` (shard 0), else        each learner's training episodes, drawn as
+                       ``item_seed(seed, s)``          ``train.shards`` streams (every learner draws the same
+                                                       streams: they train on the same tasks)
 ``validation``         ``seed + 1_000_003``            MetaTrainer's fixed held-out validation episodes
 ``comparison``         ``seed + 2_000_029``            compare's held-out episodes; ``+1`` its bootstrap
                                                        resampling, ``+2`` its analyses (``comparison_streams``)
@@ -77,10 +78,12 @@ class SeedPlan:
     def init(self) -> int:
         return self.seed
 
-    def training(self, learner: str = "") -> int:
-        """Training episodes of ``learner``: one stream for all, so every learner trains on the same tasks."""
+    def training(self, learner: str = "", shard: int = 0) -> int:
+        """Training episodes of ``learner``'s ``shard``-th stream: the same streams for every learner, so they all
+        train on the same tasks; shard 0 is the one stream of a run with ``train.shards=1``."""
         del learner
-        return self.seed
+        non_negative_int("shard", shard, owner="SeedPlan.training")
+        return self.seed if shard == 0 else item_seed(self.seed, shard)
 
     @property
     def validation(self) -> int:

@@ -2,7 +2,13 @@
 
 Every step draws fresh episodes from the task family, takes the learner's loss, and updates the
 meta-parameters with AdamW. Checkpoints hold everything needed to continue bit-for-bit: the
-learner, the outer optimiser and its schedule, the episode generator's state and the step.
+learner, the outer optimiser and its schedule, the episode streams' states and the step.
+
+Under torchrun every rank trains on its share of the global meta-batch and the meta-gradients are averaged
+(:mod:`metaopt.distributed`); the episodes of a step are the same whatever the number of processes
+(:mod:`metaopt.streams`). The loop does not wait for the device at every step: losses and gradient norms stay
+on the device and are read (and checked for non-finite values) every ``log_every`` steps, at validation and
+before every checkpoint, so a checkpoint never holds a diverged state.
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ from typing import Callable, Literal, Optional, Sequence, get_args
 import torch
 from tqdm.auto import tqdm
 
+from metaopt import distributed
 from metaopt.checks import non_negative_float, non_negative_int, one_of, optional, positive_float, positive_int
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
 from metaopt.log import Run
 from metaopt.seeds import SeedPlan, generator
+from metaopt.streams import TrainingStreams
 from metaopt.tasks.base import TaskFamily
 
 logger = logging.getLogger(__name__)
@@ -84,7 +92,11 @@ class TrainSettings:
     """Meta-training settings of one learner (a recipe's ``train:``, with a learner's own ``train:`` on top).
 
     Args:
-        steps, batch_size, support, query: number of outer steps; tasks per step; examples per task.
+        steps, batch_size, support, query: number of outer steps; tasks per step (over all processes of a
+            distributed run); examples per task.
+        shards: the number of independent streams each step's tasks are drawn from (:mod:`metaopt.streams`);
+            a multiple of the number of processes lets each process draw only its own share. Any value gives
+            the same tasks on any number of processes.
         lr, weight_decay, grad_clip, warmup_steps, schedule: the AdamW outer optimiser (``grad_clip`` None: off).
         val_every, val_tasks: validation on a fixed set of held-out episodes.
         checkpoint_every: steps between checkpoints (one is always written at the end).
@@ -98,6 +110,7 @@ class TrainSettings:
     batch_size: int = 64
     support: int = 10
     query: int = 1
+    shards: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: Optional[float] = 1.0
@@ -112,8 +125,8 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        for key in ("steps", "batch_size", "support", "query", "val_every", "val_tasks", "checkpoint_every",
-                    "log_every"):
+        for key in ("steps", "batch_size", "support", "query", "shards", "val_every", "val_tasks",
+                    "checkpoint_every", "log_every"):
             positive_int(key, getattr(self, key), owner=owner)
         non_negative_int("warmup_steps", self.warmup_steps, owner=owner)
         positive_float("lr", self.lr, owner=owner)
@@ -123,6 +136,8 @@ class TrainSettings:
         one_of("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES, owner=owner)
         if isinstance(self.curriculum, dict):
             self.curriculum = Curriculum(**{k: Stage(**dict(v)) if v else None for k, v in self.curriculum.items()})
+        if self.shards > self.batch_size:
+            raise ValueError(f"{owner}: shards must be <= batch_size ({self.batch_size}); got {self.shards}")
         stage = self.curriculum.support
         if stage is not None and stage.end != self.support:
             raise ValueError(f"curriculum.support.end ({stage.end}) must equal support ({self.support})")
@@ -214,13 +229,18 @@ class MetaTrainer:
             self.optimizer, _lr_multiplier(settings.schedule, settings.warmup_steps, settings.steps)
         )
         seeds = SeedPlan(seed)
-        self.generator = generator(seeds.training(name))
+        self.world = distributed.world()
+        self.streams = TrainingStreams(seeds, settings.batch_size, settings.shards, learner=name, current=self.world)
+        # every rank holds the whole validation set (hooks read it); each scores its share of it
         self.val_episode: Episode = family.sample(
             settings.val_tasks, self.support, self.query, generator=generator(seeds.validation), device=device
         )
+        self.val_share = distributed.share(settings.val_tasks, self.world)
+        distributed.broadcast_parameters(self.learner)  # as DDP does: every rank starts from rank 0's weights
         self.step = 0
         self.history: list[dict] = []
         self.rollbacks = 0
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, grad norm]) not yet read from the device
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -228,12 +248,14 @@ class MetaTrainer:
         return None if self.run is None else self.run.checkpoint_dir / self.name
 
     def state_dict(self) -> dict:
+        """Everything needed to continue bit-for-bit (a collective under torchrun: every rank calls it)."""
         return {
             "step": self.step,
             "learner": self.learner.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "generator": self.generator.get_state(),
+            "streams": self.streams.state(),
+            "world_size": self.world.size,
             "torch_rng": torch.get_rng_state(),
             "history": self.history,
             "rollbacks": self.rollbacks,
@@ -244,20 +266,27 @@ class MetaTrainer:
         self.learner.load_state_dict(state["learner"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"])
+        self.streams.set_state(state["streams"] if "streams" in state else [state["generator"]])
         torch.set_rng_state(state["torch_rng"])
         self.history = list(state["history"])
         self.rollbacks = state.get("rollbacks", 0)
+        written_by = state.get("world_size", 1)
+        if written_by != self.world.size and self.world.is_main:
+            logger.warning("%s: the checkpoint at step %d was written by %d process(es); continuing on %d. The "
+                           "tasks of every step are the same; the shares of the meta-batch are re-assigned.",
+                           self.name, self.step, written_by, self.world.size)
 
     def save_checkpoint(self) -> Path | None:
-        """Write ``step_<N>.pt`` (atomically) and point ``latest.pt`` at it."""
+        """Write ``step_<N>.pt`` atomically (rank 0; every rank must call it, the streams' states are gathered)."""
         if self.checkpoint_dir is None:
             return None
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict()
         target = self.checkpoint_dir / f"step_{self.step:08d}.pt"
-        tmp = target.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
-        tmp.replace(target)
+        if self.world.is_main:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(".tmp")
+            torch.save(state, tmp)
+            tmp.replace(target)
         return target
 
     @staticmethod
@@ -266,35 +295,60 @@ class MetaTrainer:
         found = sorted(directory.glob("step_*.pt")) if directory.exists() else []
         return found[-1] if found else None
 
+    def _load(self, path: Path) -> None:
+        """Load a checkpoint on every rank: rank 0 reads it and sends it (no shared file system needed)."""
+        state = torch.load(path, map_location="cpu", weights_only=False) if self.world.is_main else None
+        self.load_state_dict(distributed.broadcast_object(state))
+
     def resume(self) -> bool:
         """Load the latest checkpoint of this learner from the run folder; False if there is none."""
         if self.checkpoint_dir is None:
             return False
-        path = self.latest_checkpoint(self.checkpoint_dir)
+        path = distributed.broadcast_object(self.latest_checkpoint(self.checkpoint_dir))
         if path is None:
             return False
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        self._load(path)
         logger.info("resumed %s from %s (step %d)", self.name, path, self.step)
         return True
 
     # ------------------------------------------------------------------ loop
     @torch.no_grad()
     def validate(self) -> float:
+        """The loss on the fixed validation episodes (each rank scores its share; the shares are averaged)."""
         was_training = self.learner.training
         self.learner.eval()
-        loss = self.learner.loss(self.val_episode).item()
+        loss = self.learner.loss(self.val_episode.select_tasks(self.val_share)).float().reshape(1)
         self.learner.train(was_training)
-        return loss
+        distributed.all_reduce_mean_([loss], weight=(self.val_share.stop - self.val_share.start) / self.val_tasks)
+        return loss.item()
 
-    def _handle_nonfinite(self, loss: torch.Tensor) -> None:
+    @property
+    def val_tasks(self) -> int:
+        return self.val_episode.num_tasks
+
+    def _read_pending(self) -> tuple[int | None, float, float]:
+        """Read the losses and gradient norms kept on the device since the last read (one synchronisation).
+
+        Returns the first step whose loss or gradient norm is not finite (None if all are), and the latest
+        loss and gradient norm.
+        """
+        steps = [step for step, _ in self._pending]
+        values = torch.stack([v for _, v in self._pending]).cpu()
+        self._pending.clear()
+        finite = torch.isfinite(values).all(dim=1)
+        bad = None if bool(finite.all()) else steps[int((~finite).nonzero()[0])]
+        return bad, float(values[-1, 0]), float(values[-1, 1])
+
+    def _handle_nonfinite(self, step: int, loss: float) -> None:
         last = self.latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
+        last = distributed.broadcast_object(last)
         message = (
-            f"{self.name}: non-finite loss or gradient ({loss.item()}) at step {self.step}. "
+            f"{self.name}: non-finite loss or gradient ({loss}) at step {step}. "
             "Lower train.lr, set train.grad_clip, or use train.on_nonfinite=rollback."
         )
         if self.on_nonfinite == "rollback" and last is not None and self.rollbacks < MAX_ROLLBACKS:
             rollbacks = self.rollbacks + 1
-            self.load_state_dict(torch.load(last, map_location=self.device, weights_only=False))
+            self._load(last)
             self.rollbacks = rollbacks
             scale = 0.5**rollbacks
             self.scheduler.base_lrs = [self.base_lr * scale for _ in self.scheduler.base_lrs]
@@ -324,61 +378,82 @@ class MetaTrainer:
             support = self.curriculum["support"].at(self.step)
         return family, support
 
+    def _train_step(self) -> None:
+        """One outer step on this rank's share of the meta-batch; the loss and gradient norm stay on the device."""
+        family, support = self._stage()
+        episode = self.streams.draw(family, support, self.query, self.device)
+        loss = self.learner.loss(episode)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        reported = loss.detach().float().reshape(1)
+        grads = [p.grad for p in self.learner.parameters() if p.grad is not None]
+        distributed.all_reduce_mean_([*grads, reported], weight=self.streams.weight)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.learner.parameters(), self.grad_clip if self.grad_clip else float("inf")
+        )
+        self._pending.append((self.step, torch.stack([reported[0], grad_norm.float()])))
+        self.optimizer.step()
+        self.scheduler.step()
+
     def fit(self) -> TrainResult:
         """Train until ``steps``; continue from ``self.step`` if resumed. Ctrl-C saves a checkpoint."""
         start, started_at = self.step, time.perf_counter()
         loss_value, val_loss = float("nan"), None
         self.learner.train()
         # disable=None: a bar on a terminal, plain log lines at each validation otherwise (CI, files)
-        bar = tqdm(total=self.steps, initial=self.step, desc=f"train {self.name}",
-                   disable=None if self.progress else True, dynamic_ncols=True, mininterval=0.5)
+        bar = tqdm(total=self.steps, initial=self.step, desc=f"train {self.name}", dynamic_ncols=True,
+                   disable=None if self.progress and self.world.is_main else True, mininterval=0.5)
+        before = None
         try:
             while self.step < self.steps:
-                # 1. fresh episodes (from the curriculum's current stage)
-                family, support = self._stage()
-                episode = family.sample(
-                    self.batch_size, support, self.query, generator=self.generator, device=self.device
-                )
-                # 2. forward and meta-gradient
-                loss = self.learner.loss(episode)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                # 3. clip, check, step
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    self.learner.parameters(), self.grad_clip if self.grad_clip else float("inf")
-                )
-                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                    self._handle_nonfinite(loss)
-                    continue
-                self.optimizer.step()
-                self.scheduler.step()
+                before = (self.streams.local_state(), torch.get_rng_state())  # to undo an interrupted step
+                self._train_step()
                 self.step += 1
-                loss_value = loss.item()
-                # 4. log, validate, checkpoint
+                before = None
+                validating = self.step % self.val_every == 0 or self.step == self.steps
+                checkpointing = self.step % self.checkpoint_every == 0 or self.step == self.steps
+                if not (self.step % self.log_every == 0 or validating or checkpointing or self.step == self.steps):
+                    bar.update(1)
+                    continue
+                bad, loss_value, grad_norm = self._read_pending()
+                if bad is not None:
+                    self._handle_nonfinite(bad, loss_value)
+                    bar.reset(total=self.steps)
+                    bar.update(self.step)
+                    continue
                 if self.step % self.log_every == 0 or self.step == self.steps:
-                    self._log({"loss": loss_value, "grad_norm": grad_norm.item(),
-                               "lr": self.scheduler.get_last_lr()[0]})
-                if self.step % self.val_every == 0 or self.step == self.steps:
+                    self._log({"loss": loss_value, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]})
+                if validating:
                     val_loss = self.validate()
                     extra = {}
                     for hook in self.on_validate:
                         extra.update(hook(self))
                     self._log({"val_loss": val_loss, **extra})
-                    if bar.disable and self.progress:
+                    if bar.disable and self.progress and self.world.is_main:
                         logger.info("%s step %d/%d loss %.4f val %.4f (%.1f steps/s)", self.name, self.step,
                                     self.steps, loss_value, val_loss,
                                     (self.step - start) / (time.perf_counter() - started_at))
-                if self.step % self.checkpoint_every == 0 or self.step == self.steps:
+                if checkpointing:
                     self.save_checkpoint()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", val=f"{val_loss:.4f}" if val_loss is not None else "-")
         except KeyboardInterrupt:
-            saved = self.save_checkpoint()
             bar.close()
-            raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint saved to {saved}") from None
+            raise KeyboardInterrupt(self._save_on_interrupt(before)) from None
         bar.close()
         seconds = time.perf_counter() - started_at
         if self.step > start:
             logger.info("%s: %d steps in %.1fs (%.1f steps/s)", self.name, self.step - start, seconds,
                         (self.step - start) / seconds)
         return TrainResult(self.step, loss_value, val_loss, seconds, self.history)
+
+    def _save_on_interrupt(self, before: tuple | None) -> str:
+        """Checkpoint the last completed step after Ctrl-C (the streams as they were before an unfinished step)."""
+        if before is not None:
+            self.streams.restore_local(before[0])
+            torch.set_rng_state(before[1])
+        if self.world.size > 1:  # the other ranks may be anywhere: no collective now
+            return f"interrupted at step {self.step}; resume continues from the last periodic checkpoint"
+        if self._pending and self._read_pending()[0] is not None:
+            return f"interrupted at step {self.step} after a non-finite loss; no checkpoint saved"
+        return f"interrupted at step {self.step}; checkpoint saved to {self.save_checkpoint()}"

@@ -334,8 +334,8 @@ def evaluate_sequences(
             results.setdefault(name, {})[str(n)] = asdict(result)
             run.save_figure(plot_result(result, f"{name}, {n} tasks ({model.scenario})"), f"continual_{name}_{n}")
             bwt = "n/a" if result.backward_transfer is None else f"{result.backward_transfer:+.3f}"
-            print(f"{name:24s} tasks={n}{' (extrapolated)' if n > trained else '':15s} "
-                  f"average accuracy {result.average_accuracy:.3f}  backward transfer {bwt}")
+            logger.info("%-24s tasks=%d%-15s average accuracy %.3f  backward transfer %s", name, n,
+                        " (extrapolated)" if n > trained else "", result.average_accuracy, bwt)
     path = run.save_json(results, "continual")
-    print(f"accuracy matrices: {path}")
+    logger.info("accuracy matrices: %s", path)
     return results

@@ -16,6 +16,8 @@ EPILOG = """examples:
   metaopt recipes                                  list the bundled recipes
   metaopt run quickstart                           meta-train and compare (W&B offline)
   metaopt run quickstart train.steps=200 wandb.mode=disabled
+  metaopt run quickstart --nproc 2                 the same run on 2 processes (torch.distributed)
+  torchrun --nproc-per-node 2 -m metaopt run quickstart     the same, launched by torchrun yourself
   metaopt resume runs/quickstart/20261123-101500-000000
   metaopt compare runs/quickstart/20261123-101500-000000 compare.num_tasks=4000
   metaopt bench compare                            time a hot path against its reference
@@ -27,25 +29,55 @@ from Python:  metaopt.run("quickstart", ["train.steps=200"]) returns the results
 # ---------------------------------------------------------------------- subcommands
 # The pipeline (torch, the learners, matplotlib) is imported only by the commands that run one, so that
 # `--help` and `recipes` answer at once.
-def cmd_run(args: argparse.Namespace) -> int:
-    from metaopt.pipelines import run
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise); only rank 0 prints reports and progress."""
+    return int(os.environ.get("RANK", "0"))
 
-    print(run(args.recipe, args.overrides).report)
+
+def _run(args: argparse.Namespace, **options: object) -> int:
+    from metaopt.pipelines import load, load_run, run
+
+    if args.nproc > 1:
+        # check the recipe here, before any process starts, so bad input fails once and at once
+        load(args.recipe, args.overrides) if args.command == "run" else load_run(args.run_dir, args.overrides)
+        return _launch(args)
+    recipe = args.recipe if args.command == "run" else None
+    result = run(recipe, args.overrides, run_dir=getattr(args, "run_dir", None), **options)
+    if _rank() == 0:
+        print(result.report)
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Start ``args.nproc`` processes of this command on this machine through ``torch.distributed.run``."""
+    if "LOCAL_RANK" in os.environ:
+        raise ConfigError("--nproc starts torchrun itself; under torchrun leave --nproc out")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    target = args.recipe if args.command == "run" else args.run_dir
+    command = [args.command, target, *args.overrides, *(["-v"] if args.verbose else [])]
+    try:
+        torchrun(["--standalone", "--nproc-per-node", str(args.nproc), "-m", "metaopt", *command])
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        print(f"metaopt: rank {rank} of {args.nproc} failed (exit code {failure.exitcode}); the other processes "
+              "were stopped. Continue from the last checkpoint with `metaopt resume RUN_DIR --nproc N` "
+              "(any number of processes; the run folder is printed above)", file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _run(args)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from metaopt.pipelines import run
-
-    print(run(None, args.overrides, run_dir=args.run_dir, resume=True).report)
-    return 0
+    return _run(args, resume=True)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from metaopt.pipelines import run
-
-    print(run(None, args.overrides, run_dir=args.run_dir, train=False).report)
-    return 0
+    return _run(args, train=False)
 
 
 def _summary(description: str, width: int = 100) -> str:
@@ -106,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=summary, description=description)
         p.add_argument(arg, help=arg_help)
         p.add_argument("overrides", nargs="*", help=overrides_help)
+        p.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="run on N processes of this machine through torch.distributed (gloo on CPU, nccl on "
+                            "CUDA; the same as `torchrun --nproc-per-node N -m metaopt ...`; default 1)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("recipes", help="list the bundled recipes with their descriptions",
@@ -126,8 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also follow an option (`run quickstart --nproc 2 train.steps=100`)
+    if extra and hasattr(args, "overrides") and not any(item.startswith("-") for item in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "nproc", 1) < 1:
+        parser.error(f"--nproc must be >= 1; got {args.nproc}")
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level if _rank() == 0 else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "World", "all_gather_objects", "all_reduce_mean_", "barrier", "broadcast_object", "broadcast_parameters",
+    "World", "all_gather_objects", "all_reduce_mean_", "backend", "barrier", "broadcast_object", "broadcast_parameters",
     "is_main", "launched", "session", "share", "world",
 ]
 
@@ -69,6 +69,11 @@ def is_main() -> bool:
 def launched() -> bool:
     """Whether this process was started by torchrun with more than one process in the job."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def backend() -> str:
+    """The process group's backend (``none`` for a single process)."""
+    return dist.get_backend() if world().size > 1 else "none"
 
 
 def backend_for(device: torch.device) -> str:

@@ -11,6 +11,10 @@ A recipe's ``pipeline:`` key picks its kind from :data:`PIPELINES`, a plain mapp
 
 Every setting is checked when the recipe is loaded and every component is built before the run folder
 is made, so bad input fails at once and leaves nothing behind.
+
+Started by ``torchrun`` (or ``metaopt run RECIPE --nproc N``), every process runs the same pipeline: ``run``
+joins the process group (:func:`metaopt.distributed.session`), the components split their work over the ranks,
+and rank 0 alone writes the run folder and the W&B run (``docs/scaling.md``).
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from metaopt import distributed
 from metaopt.allocator import keep_freed_memory
 from metaopt.config import (
     CommonSettings, ConfigError, describe, find_recipe, merge, read_recipe, settings, to_yaml,
 )
 from metaopt.log import CONFIG_FILE, Run
 from metaopt.pipelines import episodes, optimizer
+from metaopt.runtime import resolve_device
 from metaopt.seeds import SeedPlan
 
 __all__ = ["PIPELINES", "Pipeline", "RunResult", "build", "load", "load_run", "run"]
@@ -182,11 +188,29 @@ def run(
     if (resume or not train) and not PIPELINES[config.pipeline].resumable:
         raise ConfigError(f"{config.pipeline!r} recipes run in one go: resume and re-compare are not supported; "
                           "start a new run with `metaopt run`")
+    try:
+        device = resolve_device(config.device)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     if config.threads:  # before building: some components compute when built (a pre-trained environment)
         torch.set_num_threads(config.threads)
-    experiment = build(config)
-    keep_freed_memory()  # large activations reuse freed memory instead of fresh pages (metaopt/allocator.py)
-    with _open_run(config, path) as opened:
-        logger.info("run folder: %s", opened.path)
-        results, report = PIPELINES[config.pipeline].execute(experiment, opened, resume=resume, train=train)
+    with distributed.session(device) as current:
+        if current.size > 1:
+            logger.info("distributed run: %d processes (%s)", current.size, distributed.backend())
+        experiment = build(_on(config, device))
+        keep_freed_memory()  # large activations reuse freed memory instead of fresh pages (metaopt/allocator.py)
+        with _open_run(config, path) as opened:
+            logger.info("run folder: %s", opened.path)
+            results, report = PIPELINES[config.pipeline].execute(experiment, opened, resume=resume, train=train)
+        distributed.barrier()  # no rank leaves (and tears the group down) while another still writes
     return RunResult(opened.path, config, results, report)
+
+
+def _on(config: DictConfig, device: torch.device) -> DictConfig:
+    """The config the components are built from: ``device`` resolved (``auto`` → ``cuda:LOCAL_RANK`` or ``cpu``).
+
+    The run folder keeps the recipe's own ``device``, so a resumed run resolves it again where it runs.
+    """
+    resolved = config.copy()
+    resolved.device = str(device)
+    return resolved

@@ -384,7 +384,8 @@ def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False,
                             log=lambda metrics, name=name: run.log({f"{name}/{k}": v for k, v in metrics.items()}))
         meta_results[name] = {"first_meta_loss": losses[0], "last_meta_loss": losses[-1],
                               "seconds": time.perf_counter() - start, "meta_steps": m.steps}
-        torch.save(module.state_dict(), run.checkpoint_dir / f"{name}.pt")
+        if run.writes:
+            torch.save(module.state_dict(), run.checkpoint_dir / f"{name}.pt")
         logger.info("meta-trained %s: meta-loss %.4f -> %.4f", name, losses[0], losses[-1])
 
     # 3. evaluation: every optimizer on every environment for `long` steps, mean over fresh seeds

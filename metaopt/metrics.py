@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from metaopt.runtime import full_precision
+
 if TYPE_CHECKING:
     from metaopt.episodes import Episode
 
@@ -86,13 +88,14 @@ def prediction_similarity(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.T
     }
 
 
+@full_precision
 def ridge_weights(x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """Ridge weights ``[T, D, M]`` with one penalty per task: argmin ||X w − y||² + λ_t ||w||².
 
     ``x`` ``[T, S, D]``, ``y`` ``[T, S, M]``, ``lam`` ``[T]`` >= 0. With every λ > 0 this solves the
     normal equations (XᵀX + λI) w = Xᵀy; otherwise least squares on the augmented system
     [X; √λ I] w = [y; 0] with a pseudo-inverse, so λ = 0 gives the minimum-norm least-squares
-    solution and S = 0 gives w = 0.
+    solution and S = 0 gives w = 0. It computes in float32 (or float64) whatever the autocast state.
     """
     num_tasks, _, dim = x.shape
     eye = torch.eye(dim, dtype=x.dtype, device=x.device).expand(num_tasks, dim, dim)

@@ -145,12 +145,12 @@ def gf2_solve(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """
     num_tasks, num_rows, n = a.shape
     if num_rows == 0:
-        return a.new_zeros(num_tasks, n), torch.zeros(num_tasks, dtype=torch.long)
+        return a.new_zeros(num_tasks, n), torch.zeros(num_tasks, dtype=torch.long, device=a.device)
     m = torch.cat([a, b[..., None]], dim=2)  # augmented [T, S, n + 1]
-    rows = torch.arange(num_rows)
-    rank = torch.zeros(num_tasks, dtype=torch.long)
-    pivot_of_row = torch.full((num_tasks, num_rows), -1)
-    tasks = torch.arange(num_tasks)
+    rows = torch.arange(num_rows, device=a.device)
+    rank = torch.zeros(num_tasks, dtype=torch.long, device=a.device)
+    pivot_of_row = torch.full((num_tasks, num_rows), -1, device=a.device)
+    tasks = torch.arange(num_tasks, device=a.device)
     for c in range(n):
         candidate = m[:, :, c] & (rows[None] >= rank[:, None])
         found = candidate.any(1)
@@ -165,7 +165,7 @@ def gf2_solve(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
         m = m ^ (clear[..., None] & pivot_row[:, None, :])
         pivot_of_row[tasks[found], target[found]] = c
         rank = rank + found.long()
-    s = torch.zeros(num_tasks, n + 1, dtype=torch.bool)
+    s = torch.zeros(num_tasks, n + 1, dtype=torch.bool, device=a.device)
     has_pivot = pivot_of_row >= 0
     columns = pivot_of_row.clamp(min=0)
     s.scatter_(1, torch.where(has_pivot, columns, n), m[..., n] & has_pivot)  # free rows land in column n

@@ -23,6 +23,7 @@ from metaopt.episodes import Episode
 from metaopt.learners.base import Example, Learner
 from metaopt.learners.solvers import LinearSolver, Ridge
 from metaopt.metrics import ridge_weights
+from metaopt.runtime import full_precision
 from metaopt.seeds import SeedPlan
 from metaopt.tasks.base import TaskFamily
 from metaopt.tasks.noisy import NoisyLinearRegression
@@ -115,7 +116,7 @@ class AdaptiveRidge(LinearSolver):
 
     σ̂² = ||y − X ŵ_OLS||² / (k − d), the unbiased noise-variance estimate of least squares. With k <= d
     least squares interpolates and σ̂² is undefined: λ is then ``cap`` if given, else 0 (min-norm
-    least squares).
+    least squares). Both solves run in float32, autocast or not.
     """
 
     def __init__(self, multiplier: float = 1.0, cap: float | None = None) -> None:
@@ -124,6 +125,7 @@ class AdaptiveRidge(LinearSolver):
         self.cap = optional(non_negative_float, "cap", cap, owner="AdaptiveRidge")
 
     @staticmethod
+    @full_precision
     def noise_variance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """σ̂² per task ``[T]`` (NaN where k <= d)."""
         num_tasks, k, dim = x.shape
@@ -187,7 +189,10 @@ class TunedAdaptiveRidge(LinearSolver):
 
 
 class OracleRidge(Learner):
-    """Ridge with each task's true noise variance, λ_τ = σ_τ² from ``episode.info[noise_key]``."""
+    """Ridge with each task's true noise variance, λ_τ = σ_τ² from ``episode.info[noise_key]``.
+
+    The solve and the prediction run in float32 whatever the autocast state (``full_precision``).
+    """
 
     kinds = ("regression",)
 
@@ -199,6 +204,7 @@ class OracleRidge(Learner):
         super().__init__()
         self.noise_key = noise_key
 
+    @full_precision
     def forward(self, episode: Episode) -> torch.Tensor:
         self.check_episode(episode)
         if self.noise_key not in episode.info:

@@ -1,4 +1,8 @@
-"""Closed-form regression solvers, batched over tasks with ``torch.linalg``."""
+"""Closed-form regression solvers, batched over tasks with ``torch.linalg``.
+
+They compute in float32 under autocast (:func:`metaopt.runtime.full_precision`): a Gram matrix and its solve
+lose most of their digits in bfloat16 / float16.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import torch
 from metaopt.checks import positive_float, positive_int
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
+from metaopt.runtime import full_precision
 
 
 def _flat_inputs(episode: Episode) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -17,12 +22,16 @@ def _flat_inputs(episode: Episode) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 class LinearSolver(Learner):
-    """A learner that fits weights ``w`` of a linear model per task and predicts ``x_q w``."""
+    """A learner that fits weights ``w`` of a linear model per task and predicts ``x_q w``.
+
+    The prediction runs in float32 whatever the autocast state (``full_precision``).
+    """
 
     def fit(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Weights ``[T, D, 1]`` from support inputs ``[T, S, D]`` and labels ``[T, S, 1]``."""
         raise NotImplementedError
 
+    @full_precision
     def forward(self, episode: Episode) -> torch.Tensor:
         self.check_episode(episode)
         xs, ys, xq = _flat_inputs(episode)
@@ -30,8 +39,9 @@ class LinearSolver(Learner):
 
 
 class LeastSquares(LinearSolver):
-    """Minimum-norm least squares: ``w = X⁺ y`` (interpolates when k < d)."""
+    """Minimum-norm least squares: ``w = X⁺ y`` (interpolates when k < d); the pseudo-inverse runs in float32."""
 
+    @full_precision
     def fit(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 0:
             return x.new_zeros(x.shape[0], x.shape[2], y.shape[2])
@@ -42,13 +52,14 @@ class Ridge(LinearSolver):
     """Ridge regression: ``w = (XᵀX + λI)⁻¹ Xᵀ y`` with an unnormalised penalty λ.
 
     With fewer examples than features it solves the equivalent, better conditioned dual
-    ``w = Xᵀ (XXᵀ + λI)⁻¹ y`` (k×k instead of d×d).
+    ``w = Xᵀ (XXᵀ + λI)⁻¹ y`` (k×k instead of d×d). The solve runs in float32, autocast or not.
     """
 
     def __init__(self, lam: float = 1.0) -> None:
         super().__init__()
         self.lam = positive_float("lam", lam, owner="Ridge")  # lam = 0 is LeastSquares
 
+    @full_precision
     def fit(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         k, d = x.shape[1], x.shape[2]
         xt = x.transpose(1, 2)

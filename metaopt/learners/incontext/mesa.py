@@ -15,7 +15,8 @@ We compute the same R_t q_t without the sequential recursion: one batched Choles
 prefix Gram matrices ``G_t = Σ_{j visible from t} k_j k_jᵀ + λ⁻¹ I`` for all positions at once. This is
 exact, differentiable by autograd, works with any attention mask (so the layer is a drop-in for
 softmax attention in ``Transformer``), and is fast for the short sequences of in-context learning
-(memory ``B · H · L · d_head²``).
+(memory ``B · H · L · d_head²``). The Gram matrices and their Cholesky solve run in float32 under autocast
+(:func:`metaopt.runtime.full_precision`); the projections around them follow the run's precision.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from metaopt.learners.attention import MultiHeadAttention
 from metaopt.learners.base import Example
 from metaopt.learners.incontext.prefix import PrefixLearner
 from metaopt.learners.incontext.tokens import prefix_mask, read_y_slot
+from metaopt.runtime import full_precision
 from metaopt.tasks.regression import LinearRegression
 
 
@@ -61,6 +63,7 @@ class MesaAttention(MultiHeadAttention):
         """λ per head ``[H]``: R_0 = λ I, so the ridge penalty is 1/λ."""
         return self.log_lam.exp()
 
+    @full_precision
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if mask is None or mask.dim() != 2:
             raise ValueError(f"MesaAttention: needs a mask [L, L] (True = may attend); got "

@@ -27,8 +27,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from metaopt.checks import ArgumentError, non_negative_int, optional, positive_int
+from metaopt.checks import ArgumentError, non_negative_int, one_of, optional, positive_int
 from metaopt.log import WandbSettings
+from metaopt.runtime import PRECISIONS, Precision, check_device
 from metaopt.seeds import SeedPlan
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -56,6 +57,10 @@ class CommonSettings:
 
     ``pipeline`` picks the kind (:data:`metaopt.pipelines.PIPELINES`); ``seed`` feeds the seed plan;
     ``threads`` sets torch's intra-op threads (None: torch's default); ``progress`` shows progress bars.
+    ``device`` is auto | cpu | cuda | cuda:N (auto: CUDA when present; only its spelling is checked at load time,
+    :func:`metaopt.runtime.resolve_device` finds the device); ``precision`` is fp32 | bf16 | fp16 (autocast, loss
+    scaling for fp16); ``compile`` passes the learners' losses through ``torch.compile`` where it works
+    (:func:`metaopt.runtime.compile_loss`).
     """
 
     pipeline: str = "episodes"
@@ -63,6 +68,8 @@ class CommonSettings:
     description: str = ""
     seed: int = 0
     device: str = "cpu"
+    precision: Precision = "fp32"
+    compile: bool = False
     threads: Optional[int] = None
     output_dir: str = "runs"
     progress: bool = True
@@ -71,6 +78,8 @@ class CommonSettings:
     def __post_init__(self) -> None:
         owner = "CommonSettings"
         non_negative_int("seed", self.seed, owner=owner)
+        check_device(self.device, owner=owner)
+        one_of("precision", self.precision, PRECISIONS, owner=owner)
         optional(positive_int, "threads", self.threads, owner=owner)
 
 

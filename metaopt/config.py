@@ -99,10 +99,14 @@ def find_recipe(name_or_path: str | Path) -> Path:
 
 
 def recipes() -> dict[str, str]:
-    """Every recipe in ``./recipes`` and the bundled ones, by name, with its description (sorted by name)."""
-    found = {p.resolve(): p for p in [*RECIPE_DIR.glob("*.yaml"), *Path("recipes").glob("*.yaml")]}
-    return {path.stem: str(read_recipe(path).get("description", "") or "")
-            for path in sorted(found.values(), key=lambda p: p.stem)}
+    """Every recipe in ``./recipes`` and the bundled ones, by name, with its description (sorted by name).
+
+    The paper-scale presets of a ``paper/`` folder are named ``paper/<name>``, which ``find_recipe`` also takes.
+    """
+    found = {path.resolve(): (path.relative_to(root).with_suffix("").as_posix(), path)
+             for root in (RECIPE_DIR, Path("recipes")) for path in [*root.glob("*.yaml"), *root.glob("paper/*.yaml")]}
+    return {name: str(read_recipe(path).get("description", "") or "")
+            for name, path in sorted(found.values(), key=lambda item: item[0])}
 
 
 def read_recipe(path: Path) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from metaopt.checks import non_negative_float, non_negative_int, one_of, optiona
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
 from metaopt.log import Run
+from metaopt.runtime import LossScaler, Precision, autocast, check_precision, compile_loss
 from metaopt.seeds import SeedPlan, generator
 from metaopt.streams import TrainingStreams
 from metaopt.tasks.base import TaskFamily
@@ -178,6 +179,9 @@ class MetaTrainer:
         seed: the run's seed; training and validation episodes come from its :class:`metaopt.seeds.SeedPlan`.
         run: where metrics and checkpoints go; None keeps everything in memory.
         progress: show a progress bar.
+        precision: ``fp32``, or ``bf16``/``fp16`` to run the learner's loss under autocast (fp16 with loss
+            scaling: a step whose gradients overflow is skipped and the scale lowered, as GradScaler does).
+        compile: hand the learner's loss to ``torch.compile`` (eager, with one warning, where that fails).
     """
 
     def __init__(
@@ -192,6 +196,8 @@ class MetaTrainer:
         device: str | torch.device = "cpu",
         run: Run | None = None,
         progress: bool = True,
+        precision: Precision = "fp32",
+        compile: bool = False,
         **changes: object,
     ) -> None:
         settings = settings or TrainSettings()
@@ -221,6 +227,9 @@ class MetaTrainer:
         self.log_every = settings.log_every
         self.on_nonfinite = settings.on_nonfinite
         self.device = torch.device(device)
+        self.precision = check_precision(precision, self.device)
+        self.scaler = LossScaler(self.precision, self.device)
+        self._loss = compile_loss(learner.loss, compile, name)
         self.run = run
         self.progress = progress
         self.base_lr = settings.lr
@@ -255,6 +264,7 @@ class MetaTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "streams": self.streams.state(),
+            "scaler": self.scaler.state_dict(),
             "world_size": self.world.size,
             "torch_rng": torch.get_rng_state(),
             "history": self.history,
@@ -267,6 +277,7 @@ class MetaTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.streams.set_state(state["streams"] if "streams" in state else [state["generator"]])
+        self.scaler.load_state_dict(state.get("scaler", {}))
         torch.set_rng_state(state["torch_rng"])
         self.history = list(state["history"])
         self.rollbacks = state.get("rollbacks", 0)
@@ -317,7 +328,8 @@ class MetaTrainer:
         """The loss on the fixed validation episodes (each rank scores its share; the shares are averaged)."""
         was_training = self.learner.training
         self.learner.eval()
-        loss = self.learner.loss(self.val_episode.select_tasks(self.val_share)).float().reshape(1)
+        with autocast(self.precision, self.device):
+            loss = self.learner.loss(self.val_episode.select_tasks(self.val_share)).float().reshape(1)
         self.learner.train(was_training)
         distributed.all_reduce_mean_([loss], weight=(self.val_share.stop - self.val_share.start) / self.val_tasks)
         return loss.item()
@@ -382,17 +394,21 @@ class MetaTrainer:
         """One outer step on this rank's share of the meta-batch; the loss and gradient norm stay on the device."""
         family, support = self._stage()
         episode = self.streams.draw(family, support, self.query, self.device)
-        loss = self.learner.loss(episode)
+        with autocast(self.precision, self.device):
+            loss = self._loss(episode)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
         reported = loss.detach().float().reshape(1)
         grads = [p.grad for p in self.learner.parameters() if p.grad is not None]
         distributed.all_reduce_mean_([*grads, reported], weight=self.streams.weight)
+        self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.learner.parameters(), self.grad_clip if self.grad_clip else float("inf")
         )
-        self._pending.append((self.step, torch.stack([reported[0], grad_norm.float()])))
-        self.optimizer.step()
+        skipped = self.scaler.step(self.optimizer)  # fp16: an overflowing step is skipped, not a divergence
+        self.scaler.update()
+        grad_norm = torch.where(skipped > 0, torch.zeros_like(grad_norm), grad_norm.float())
+        self._pending.append((self.step, torch.stack([reported[0], grad_norm])))
         self.scheduler.step()
 
     def fit(self) -> TrainResult:

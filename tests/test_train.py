@@ -127,3 +127,66 @@ def test_curriculum_is_refused_for_families_without_it_and_for_bad_stages():
                     progress=False)
     with pytest.raises(ValueError, match="start <= end"):
         trainer(curriculum={"support": {"start": 6, "end": 5}})
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_training_learns_and_resumes_exactly(tmp_path, precision):
+    """Under autocast training tracks fp32; fp16's loss scale is checkpointed, so resuming equals not stopping."""
+    def gd(precision):
+        return MetaTrainer(GradientDescent(steps=1, lr=0.01, learn_lr=True), LinearRegression(4), steps=60,
+                           batch_size=64, support=20, lr=0.05, val_every=60, progress=False, precision=precision)
+
+    half, full = gd(precision), gd("fp32")
+    before = full.validate()
+    half.fit(), full.fit()
+    assert half.learner.lr.item() > 0.3 and half.validate() < 0.8 * before
+    assert half.validate() == pytest.approx(full.validate(), rel=0.05)
+    straight = trainer(precision=precision)
+    straight.fit()
+    run = Run("h", {}, root=tmp_path, wandb_mode="disabled")
+    trainer(run=run, precision=precision).fit()
+    (run.checkpoint_dir / "tf" / "step_00000010.pt").unlink()
+    resumed = trainer(run=run, learner=tiny_transformer(seed=9), precision=precision)
+    assert resumed.resume() and resumed.step == 5
+    assert resumed.scaler.state_dict() == torch.load(run.checkpoint_dir / "tf" / "step_00000005.pt",
+                                                     weights_only=False)["scaler"]
+    resumed.fit()
+    for name, value in straight.learner.state_dict().items():
+        assert torch.equal(value, resumed.learner.state_dict()[name]), name
+
+
+def test_losses_are_read_from_the_device_only_when_logged(monkeypatch):
+    """No synchronisation per step: the losses are read every log_every steps (and at validation/checkpoints)."""
+    t = trainer(steps=12, log_every=4, val_every=6, checkpoint_every=12)
+    reads = []
+    read = t._read_pending
+    monkeypatch.setattr(t, "_read_pending", lambda: reads.append(t.step) or read())
+    result = t.fit()
+    assert reads == [4, 6, 8, 12]
+    assert [row["step"] for row in result.history if "loss" in row] == [4, 8, 12]
+
+
+def test_compile_falls_back_to_eager_when_compiling_fails(caplog, monkeypatch):
+    """A loss torch.compile cannot handle (as MAML's double backward; tests/test_runtime.py runs the real one,
+    slow): one warning, then eager training exactly as without compile."""
+    from metaopt.learners import MAML
+    from metaopt.tasks import Sinusoid
+
+    def refuse(fn, **options):
+        def compiled(*args, **kwargs):
+            raise RuntimeError("torch.compile with aot_autograd does not currently support double backward")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", refuse)
+
+    def maml_trainer(compile):
+        torch.manual_seed(0)
+        learner = MAML({"kind": "mlp", "in_features": 1, "hidden": [8], "out_features": 1}, steps=1, inner_lr=0.05)
+        return MetaTrainer(learner, Sinusoid(), steps=3, batch_size=4, support=5, val_every=3, val_tasks=4,
+                           progress=False, compile=compile)
+
+    compiled, eager = maml_trainer(True), maml_trainer(False)
+    compiled.fit(), eager.fit()
+    assert caplog.text.count("runs eagerly, torch.compile failed") == 1
+    for name, value in eager.learner.state_dict().items():
+        assert torch.equal(value, compiled.learner.state_dict()[name]), name

@@ -36,7 +36,7 @@ from metaopt.config import (
 )
 from metaopt.log import CONFIG_FILE, Run
 from metaopt.pipelines import episodes, optimizer
-from metaopt.runtime import resolve_device
+from metaopt.runtime import check_precision, resolve_device
 from metaopt.seeds import SeedPlan
 
 __all__ = ["PIPELINES", "Pipeline", "RunResult", "build", "load", "load_run", "run"]
@@ -190,6 +190,7 @@ def run(
                           "start a new run with `metaopt run`")
     try:
         device = resolve_device(config.device)
+        check_precision(config.precision, device)
     except ValueError as error:
         raise ConfigError(str(error)) from error
     if config.threads:  # before building: some components compute when built (a pre-trained environment)

@@ -172,6 +172,7 @@ def _trainer(experiment: EpisodeExperiment, name: str, run: Run | None) -> MetaT
     config = experiment.config
     return MetaTrainer(experiment.learners[name], experiment.family, experiment.train[name], name=name,
                        seed=config.seed, device=config.device, run=run, progress=config.progress,
+                       precision=config.precision, compile=config.compile,
                        on_validate=_validation_hooks(experiment, name))
 
 

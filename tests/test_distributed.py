@@ -229,3 +229,41 @@ def test_killed_rank_stops_the_run_and_resume_continues_on_one_process(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "written by 2 process(es); continuing on 1" in resumed.stderr
     assert (path / "checkpoints" / "transformer" / "step_00000060.pt").exists()
+
+
+# ---------------------------------------------------------------------- every kind of recipe on 2 processes
+def _every_kind() -> dict[str, list[str]]:
+    from test_optimizer_experiment import TINY
+    from test_recipes_smoke import shrunk
+
+    continual = ["train.steps=2", "train.batch_size=2", "train.val_tasks=2", "train.val_every=2",
+                 "learners.protonet_merged_support.train.steps=2", "task.queries=1", "train.query=15",
+                 "compare.query=15", "compare.num_tasks=4", "compare.bootstrap=10", "wandb.mode=disabled",
+                 "progress=false", "evaluate=[{_target_: hypernets.continual.evaluate_sequences, lengths: [3], "
+                 "sequences: 2}]"]
+    return {
+        "quickstart": shrunk("quickstart"),  # regression in context
+        "boolean_icl": shrunk("boolean_icl"),  # Boolean functions
+        "maml_sinusoid": shrunk("maml_sinusoid"),  # the MAML family
+        "hypertransformer": shrunk("hypertransformer"),  # HyperTransformer (and MAML/ProtoNet on a CNN)
+        "continual_hypertransformer": continual,
+        "specialized_optimizer": TINY,  # the optimizer pipeline
+    }
+
+
+def _run_every_kind(rank: int, folder: Path) -> None:
+    from metaopt.pipelines import run
+
+    paths = {name: run(name, [*overrides, f"output_dir={folder / 'runs'}"]).path
+             for name, overrides in _every_kind().items()}
+    torch.save(paths, folder / f"paths{rank}.pt")
+
+
+def test_every_recipe_kind_runs_on_two_processes(tmp_path):
+    spawn(_run_every_kind, tmp_path)
+    paths = [torch.load(tmp_path / f"paths{r}.pt", weights_only=False) for r in range(WORLD)]
+    assert paths[0] == paths[1]
+    for name, path in paths[0].items():
+        assert [p.name for p in path.parent.iterdir()] == [path.name], name  # one run folder, by rank 0
+        assert (path / "results.json").is_file() and (path / "config.yaml").is_file(), name
+    assert (paths[0]["continual_hypertransformer"] / "continual.json").is_file()

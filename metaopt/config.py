@@ -56,7 +56,8 @@ class CommonSettings:
     """The keys of every recipe, whatever its pipeline kind.
 
     ``pipeline`` picks the kind (:data:`metaopt.pipelines.PIPELINES`); ``seed`` feeds the seed plan;
-    ``threads`` sets torch's intra-op threads (None: torch's default); ``progress`` shows progress bars.
+    ``threads`` sets torch's intra-op threads (None: torch's default; under torchrun the budget of one machine,
+    shared by its processes); ``progress`` shows progress bars.
     ``device`` is auto | cpu | cuda | cuda:N (auto: CUDA when present; only its spelling is checked at load time,
     :func:`metaopt.runtime.resolve_device` finds the device); ``precision`` is fp32 | bf16 | fp16 (autocast, loss
     scaling for fp16); ``compile`` passes the learners' losses through ``torch.compile`` where it works

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "World", "all_gather_objects", "all_reduce_mean_", "backend", "barrier", "broadcast_object", "broadcast_parameters",
+    "World", "all_gather_objects", "all_reduce_mean_", "backend", "barrier", "threads_per_process", "broadcast_object", "broadcast_parameters",
     "is_main", "launched", "session", "share", "world",
 ]
 
@@ -69,6 +69,11 @@ def is_main() -> bool:
 def launched() -> bool:
     """Whether this process was started by torchrun with more than one process in the job."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def threads_per_process(threads: int) -> int:
+    """A recipe's ``threads`` (the machine's budget) shared by the processes torchrun started on this machine."""
+    return max(1, threads // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def backend() -> str:

@@ -194,7 +194,7 @@ def run(
     except ValueError as error:
         raise ConfigError(str(error)) from error
     if config.threads:  # before building: some components compute when built (a pre-trained environment)
-        torch.set_num_threads(config.threads)
+        torch.set_num_threads(distributed.threads_per_process(config.threads))
     with distributed.session(device) as current:
         if current.size > 1:
             logger.info("distributed run: %d processes (%s)", current.size, distributed.backend())

@@ -190,3 +190,35 @@ def test_compile_falls_back_to_eager_when_compiling_fails(caplog, monkeypatch):
     assert caplog.text.count("runs eagerly, torch.compile failed") == 1
     for name, value in eager.learner.state_dict().items():
         assert torch.equal(value, compiled.learner.state_dict()[name]), name
+
+
+class Interrupted(Transformer):
+    """Raises KeyboardInterrupt (as Ctrl-C would) in the middle of a training step, after its episodes were drawn."""
+
+    def __init__(self, at_call: int):
+        super().__init__(x_dim=2, max_support=5, n_embd=16, n_layer=1, n_head=2)
+        self.calls, self.at_call = 0, at_call
+
+    def loss(self, episode):
+        self.calls += self.training
+        if self.calls == self.at_call:
+            raise KeyboardInterrupt
+        return super().loss(episode)
+
+
+@pytest.mark.parametrize("at_call", [3, 8])
+def test_ctrl_c_mid_step_then_resume_equals_an_uninterrupted_run(tmp_path, at_call):
+    """The checkpoint written on Ctrl-C holds the episode streams as of the last completed step."""
+    straight = trainer()
+    straight.fit()
+    run = Run("i", {}, root=tmp_path, wandb_mode="disabled")
+    torch.manual_seed(0)
+    learner = Interrupted(at_call)
+    learner.load_state_dict(tiny_transformer().state_dict())
+    with pytest.raises(KeyboardInterrupt, match=f"interrupted at step {at_call - 1}; checkpoint saved"):
+        trainer(run=run, learner=learner).fit()
+    resumed = trainer(run=run, learner=tiny_transformer(seed=5))
+    assert resumed.resume() and resumed.step == at_call - 1
+    resumed.fit()
+    for name, value in straight.learner.state_dict().items():
+        assert torch.equal(value, resumed.learner.state_dict()[name]), name

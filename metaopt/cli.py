@@ -55,15 +55,22 @@ def _launch(args: argparse.Namespace) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
     target = args.recipe if args.command == "run" else args.run_dir
-    command = [args.command, target, *args.overrides, *(["-v"] if args.verbose else [])]
+    command = [*(["-v"] if args.verbose else []), args.command, target, *args.overrides]
+    resume = ("continue from the last checkpoint with `metaopt resume RUN_DIR --nproc N` (any number of "
+              "processes; the run folder is printed above)")
     try:
         torchrun(["--standalone", "--nproc-per-node", str(args.nproc), "-m", "metaopt", *command])
+    except SignalException as error:  # Ctrl-C or a scheduler's SIGTERM reached torchrun
+        print(f"metaopt: stopped by signal {error.sigval}; {resume}", file=sys.stderr)
+        return 130
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
+        hint = {2: "a setting was refused (see the error above)", 3: "training diverged (see above)"}
         print(f"metaopt: rank {rank} of {args.nproc} failed (exit code {failure.exitcode}); the other processes "
-              "were stopped. Continue from the last checkpoint with `metaopt resume RUN_DIR --nproc N` "
-              "(any number of processes; the run folder is printed above)", file=sys.stderr)
+              f"were stopped; {hint.get(failure.exitcode, resume)}", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
     return 0
 

@@ -77,6 +77,9 @@ def resolve_device(spec: str | torch.device) -> torch.device:
                              "or give device=cuda:N")
         return torch.device("cuda", int(local_rank))
     index = int(spec.partition(":")[2])
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"device={spec!r} would put every process of this machine on one GPU; under torchrun "
+                         "give device=auto or cuda (cuda:LOCAL_RANK for each process)")
     if index >= count:
         raise ValueError(f"device={spec!r} but only {count} CUDA device(s) are visible (cuda:0 .. cuda:{count - 1}); "
                          "use device=auto, cuda or a visible index")
@@ -202,6 +205,10 @@ class LossScaler:
         if not found:  # no parameter had a gradient
             return torch.zeros((), device=self.device)
         return torch.stack([flag.to(self.device) for flag in found]).sum()
+
+    def current_scale(self) -> float:
+        """The loss scale now (1.0 when scaling is off); reading it waits for the device."""
+        return float(self._scaler.get_scale()) if self.enabled else 1.0
 
     def update(self) -> None:
         """Adjust the scale for the next step (halved after an overflow, doubled after a run of clean steps)."""

@@ -41,6 +41,7 @@ NonfinitePolicy = Literal["stop", "rollback"]
 SCHEDULES = get_args(Schedule)
 NONFINITE_POLICIES = get_args(NonfinitePolicy)
 MAX_ROLLBACKS = 3
+MIN_LOSS_SCALE = 2.0**-16  # fp16: a loss scale halved this far means the gradients overflow at any scale
 
 
 class DivergenceError(RuntimeError):
@@ -244,6 +245,9 @@ class MetaTrainer:
         self.val_episode: Episode = family.sample(
             settings.val_tasks, self.support, self.query, generator=generator(seeds.validation), device=device
         )
+        if settings.val_tasks < self.world.size:
+            raise ValueError(f"MetaTrainer: train.val_tasks={settings.val_tasks} is smaller than the {self.world.size} "
+                             "processes; every process scores at least one validation task")
         self.val_share = distributed.share(settings.val_tasks, self.world)
         distributed.broadcast_parameters(self.learner)  # as DDP does: every rank starts from rank 0's weights
         self.step = 0
@@ -266,7 +270,7 @@ class MetaTrainer:
             "streams": self.streams.state(),
             "scaler": self.scaler.state_dict(),
             "world_size": self.world.size,
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": distributed.all_gather_objects(torch.get_rng_state()),  # each rank's (dropout, ...)
             "history": self.history,
             "rollbacks": self.rollbacks,
         }
@@ -278,7 +282,9 @@ class MetaTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.streams.set_state(state["streams"] if "streams" in state else [state["generator"]])
         self.scaler.load_state_dict(state.get("scaler", {}))
-        torch.set_rng_state(state["torch_rng"])
+        rng = state["torch_rng"]  # one state (a checkpoint written before the per-rank list) or one per rank
+        rng = [rng] if isinstance(rng, torch.Tensor) else rng
+        torch.set_rng_state(rng[self.world.rank] if len(rng) == self.world.size else rng[0])
         self.history = list(state["history"])
         self.rollbacks = state.get("rollbacks", 0)
         written_by = state.get("world_size", 1)
@@ -346,10 +352,14 @@ class MetaTrainer:
         """
         steps = [step for step, _ in self._pending]
         values = torch.stack([v for _, v in self._pending]).cpu()
-        self._pending.clear()
         finite = torch.isfinite(values).all(dim=1)
-        bad = None if bool(finite.all()) else steps[int((~finite).nonzero()[0])]
-        return bad, float(values[-1, 0]), float(values[-1, 1])
+        first = None if bool(finite.all()) else int((~finite).nonzero()[0])
+        self._pending.clear()
+        if first is None and self.scaler.enabled and self.scaler.current_scale() < MIN_LOSS_SCALE:
+            first = len(steps) - 1  # fp16: every step overflows; skipping them for ever would hide a divergence
+        if first is None:
+            return None, float(values[-1, 0]), float(values[-1, 1])
+        return steps[first], float(values[first, 0]), float(values[first, 1])
 
     def _handle_nonfinite(self, step: int, loss: float) -> None:
         last = self.latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
@@ -399,6 +409,10 @@ class MetaTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         reported = loss.detach().float().reshape(1)
+        if self.world.size > 1:  # every rank reduces the same tensors: a parameter unused here gets zeros
+            for p in self.learner.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
         grads = [p.grad for p in self.learner.parameters() if p.grad is not None]
         distributed.all_reduce_mean_([*grads, reported], weight=self.streams.weight)
         self.scaler.unscale_(self.optimizer)
@@ -410,6 +424,7 @@ class MetaTrainer:
         grad_norm = torch.where(skipped > 0, torch.zeros_like(grad_norm), grad_norm.float())
         self._pending.append((self.step, torch.stack([reported[0], grad_norm])))
         self.scheduler.step()
+        self.step += 1
 
     def fit(self) -> TrainResult:
         """Train until ``steps``; continue from ``self.step`` if resumed. Ctrl-C saves a checkpoint."""
@@ -420,12 +435,25 @@ class MetaTrainer:
         bar = tqdm(total=self.steps, initial=self.step, desc=f"train {self.name}", dynamic_ncols=True,
                    disable=None if self.progress and self.world.is_main else True, mininterval=0.5)
         before = None
+
+        def recover(bad: int, loss: float) -> None:
+            self._handle_nonfinite(bad, loss)  # raises unless it rolled back
+            bar.reset(total=self.steps)
+            bar.update(self.step)
+
         try:
             while self.step < self.steps:
-                before = (self.streams.local_state(), torch.get_rng_state())  # to undo an interrupted step
-                self._train_step()
-                self.step += 1
-                before = None
+                before = (self.step, self.streams.local_state(), torch.get_rng_state())  # undoes an unfinished step
+                try:
+                    self._train_step()
+                except Exception:  # a non-finite step not yet read may make the next one raise (e.g. Cholesky)
+                    if not self._pending:
+                        raise
+                    bad, loss_value, _ = self._read_pending()
+                    if bad is None:
+                        raise
+                    recover(bad, loss_value)
+                    continue
                 validating = self.step % self.val_every == 0 or self.step == self.steps
                 checkpointing = self.step % self.checkpoint_every == 0 or self.step == self.steps
                 if not (self.step % self.log_every == 0 or validating or checkpointing or self.step == self.steps):
@@ -433,9 +461,7 @@ class MetaTrainer:
                     continue
                 bad, loss_value, grad_norm = self._read_pending()
                 if bad is not None:
-                    self._handle_nonfinite(bad, loss_value)
-                    bar.reset(total=self.steps)
-                    bar.update(self.step)
+                    recover(bad, loss_value)
                     continue
                 if self.step % self.log_every == 0 or self.step == self.steps:
                     self._log({"loss": loss_value, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]})
@@ -465,9 +491,9 @@ class MetaTrainer:
 
     def _save_on_interrupt(self, before: tuple | None) -> str:
         """Checkpoint the last completed step after Ctrl-C (the streams as they were before an unfinished step)."""
-        if before is not None:
-            self.streams.restore_local(before[0])
-            torch.set_rng_state(before[1])
+        if before is not None and before[0] == self.step:  # the interrupted step had not completed
+            self.streams.restore_local(before[1])
+            torch.set_rng_state(before[2])
         if self.world.size > 1:  # the other ranks may be anywhere: no collective now
             return f"interrupted at step {self.step}; resume continues from the last periodic checkpoint"
         if self._pending and self._read_pending()[0] is not None:

@@ -222,3 +222,25 @@ def test_ctrl_c_mid_step_then_resume_equals_an_uninterrupted_run(tmp_path, at_ca
     resumed.fit()
     for name, value in straight.learner.state_dict().items():
         assert torch.equal(value, resumed.learner.state_dict()[name]), name
+
+
+class RaisesOnNaN(Exploding):
+    """As a learner with a Cholesky in its loss: raises once its parameters are NaN."""
+
+    def loss(self, episode):
+        if not all(torch.isfinite(p).all() for p in self.parameters()):
+            raise torch.linalg.LinAlgError("cholesky: the input is not positive-definite")
+        return super().loss(episode)
+
+
+@pytest.mark.parametrize("policy", ["stop", "rollback"])
+def test_a_step_that_raises_after_an_unread_nonfinite_step_is_a_divergence(tmp_path, policy):
+    """Losses are read every log_every steps: a NaN step applied in between makes the next step raise, and that
+    is reported (or rolled back) as the divergence it is, at the step where it happened."""
+    run = Run("n", {}, root=tmp_path, wandb_mode="disabled")
+    t = trainer(run=run, learner=RaisesOnNaN(nan_from=9), on_nonfinite=policy, log_every=5)
+    if policy == "stop":
+        with pytest.raises(DivergenceError, match=r"at step 7"):
+            t.fit()
+    else:
+        assert t.fit().steps == 10 and t.rollbacks == 1

@@ -173,6 +173,9 @@ def _check_shared_values(config: DictConfig, source: str) -> None:
 
 def validate(config: DictConfig, source: str) -> None:
     """Every check that needs nothing built: the ``_target_`` entries and their arguments, the settings."""
+    if config.device.startswith("cuda"):
+        raise ConfigError(f"{source}: device={config.device}: optimizer recipes run on the CPU (their environments "
+                          "are small networks); leave device=cpu or auto")
     if config.precision != "fp32" or config.compile:
         raise ConfigError(f"{source}: precision={config.precision}, compile={config.compile}: optimizer recipes run "
                           "their inner loops in float32 and eagerly; leave precision=fp32 and compile=false")

@@ -15,15 +15,10 @@ from metaopt.config import RECIPE_DIR, ConfigError
 from metaopt.environments import digits_finetuning, load_digits_classes, tabular_environment
 from metaopt.pipelines import build, load
 from metaopt.pipelines.optimizer import steps_to_reach, tune_learning_rate
+from metaopt.testing import OPTIMIZER_TINY as TINY
 from optimizers.environments import Environment
 
 RECIPE = str(RECIPE_DIR / "specialized_optimizer.yaml")
-TINY = [
-    "wandb.mode=disabled", "threads=1", "environment.horizon=4", "environment.pretrain_steps=5",
-    "environment.hidden=[8]", "meta_train.steps=2", "meta_train.estimator.pairs=1", "evaluation.seeds=1",
-    "tuning.seeds=1", "baselines.sgd.lrs=[0.1,1.0]", "baselines.momentum.lrs=[0.1]", "baselines.adam.lrs=[0.01,0.1]",
-]
-
 
 
 

@@ -7,11 +7,11 @@ fastest one and checks its paper claims.
 import json
 
 import pytest
-from omegaconf import OmegaConf
 
 from metaopt.cli import main
 from metaopt.config import RECIPE_DIR
 from metaopt.pipelines import build, load
+from metaopt.testing import shrunk
 
 REPRODUCTIONS = [
     "lsa_is_gd",
@@ -31,30 +31,6 @@ VARIANTS = [
     ("boolean_architectures_dnf", ["task.teaching=true"]),
     ("boolean_architectures_parity", ["task.teaching=true"]),
 ]
-
-
-def shrunk(recipe: str) -> list[str]:
-    """Overrides that keep a recipe's structure but make it run in a second or two."""
-    config = load(recipe)
-    overrides = [
-        "threads=1", "progress=false", "wandb.mode=disabled",
-        "train.steps=3", "train.batch_size=4", "train.val_every=3", "train.val_tasks=4",
-        "train.checkpoint_every=3", "train.log_every=1", "train.warmup_steps=1",
-        "compare.num_tasks=8", "compare.bootstrap=10",
-    ]
-    for name, spec in config.learners.items():
-        if "num_tasks" in spec:  # learners that tune themselves on held-out tasks
-            overrides.append(f"learners.{name}.num_tasks=16")
-        if "train" in spec:
-            overrides.append(f"learners.{name}.train.steps=3")
-    analyses = []
-    for entry in OmegaConf.to_container(config.compare.analysis):
-        entry = {"name": entry} if isinstance(entry, str) else dict(entry)
-        entry["num_tasks"] = 2
-        analyses.append("{" + ", ".join(f"{k}: {v}" for k, v in entry.items()) + "}")
-    if analyses:
-        overrides.append(f"compare.analysis=[{', '.join(analyses)}]")
-    return overrides
 
 
 @pytest.mark.parametrize("recipe", REPRODUCTIONS)

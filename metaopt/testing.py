@@ -1,0 +1,55 @@
+"""Overrides that shrink a bundled recipe to a run of seconds, keeping its structure.
+
+The recipe smoke tests run every reproduction this way on the CPU, and the GPU check
+(``python -m benchmarks gpu``) runs every bundled recipe this way on CUDA in each precision.
+"""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from metaopt.pipelines import load
+
+__all__ = ["OPTIMIZER_TINY", "shrunk"]
+
+OPTIMIZER_TINY = [
+    "wandb.mode=disabled", "threads=1", "environment.horizon=4", "environment.pretrain_steps=5",
+    "environment.hidden=[8]", "meta_train.steps=2", "meta_train.estimator.pairs=1", "evaluation.seeds=1",
+    "tuning.seeds=1", "baselines.sgd.lrs=[0.1,1.0]", "baselines.momentum.lrs=[0.1]", "baselines.adam.lrs=[0.01,0.1]",
+]
+"""A run of the ``optimizer`` pipeline (recipes/specialized_optimizer.yaml) in about a second."""
+
+_EXTRA = {
+    # fewer queries per class (the query sizes follow), and one short sequence length for the accuracy matrices
+    "continual_hypertransformer": [
+        "task.queries=1", "train.query=15", "compare.query=15", "compare.num_tasks=4",
+        "evaluate=[{_target_: hypernets.continual.evaluate_sequences, lengths: [3], sequences: 2}]",
+    ],
+}
+"""What some recipes need beyond the common shrinking, by recipe name (later overrides win)."""
+
+
+def shrunk(recipe: str) -> list[str]:
+    """Overrides that keep a recipe's structure but make it run in a second or two."""
+    config = load(recipe)
+    if config.pipeline == "optimizer":
+        return [*OPTIMIZER_TINY, "progress=false"]
+    overrides = [
+        "threads=1", "progress=false", "wandb.mode=disabled",
+        "train.steps=3", "train.batch_size=4", "train.val_every=3", "train.val_tasks=4",
+        "train.checkpoint_every=3", "train.log_every=1", "train.warmup_steps=1",
+        "compare.num_tasks=8", "compare.bootstrap=10",
+    ]
+    for name, spec in config.learners.items():
+        if "num_tasks" in spec:  # learners that tune themselves on held-out tasks
+            overrides.append(f"learners.{name}.num_tasks=16")
+        if "train" in spec:
+            overrides.append(f"learners.{name}.train.steps=3")
+    analyses = []
+    for entry in OmegaConf.to_container(config.compare.analysis):
+        entry = {"name": entry} if isinstance(entry, str) else dict(entry)
+        entry["num_tasks"] = 2
+        analyses.append("{" + ", ".join(f"{k}: {v}" for k, v in entry.items()) + "}")
+    if analyses:
+        overrides.append(f"compare.analysis=[{', '.join(analyses)}]")
+    return [*overrides, *_EXTRA.get(recipe, [])]

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.timing import best_of
+from benchmarks.timing import best_of, matmul_gflops
 from metaopt.episodes import Episode
 from metaopt.extras import import_learn2learn
 from metaopt.learners import MAML
@@ -73,13 +73,7 @@ def _references() -> dict:
     return references
 
 
-def matmul_gflops(size: int = 1024) -> float:
-    """This machine's fp32 matmul rate with the current thread count (2·n³ flops per product)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size**3 / best_of(lambda: a @ b, repeats=5) / 1e9
-
-
-def _float64(episode: Episode) -> Episode:
+def float64(episode: Episode) -> Episode:
     """The episode with its real-valued tensors in float64 (integer labels stay integers)."""
     fields = ("x_support", "y_support", "x_query", "y_query")
     real = [f for f in fields if getattr(episode, f).is_floating_point()]
@@ -88,7 +82,7 @@ def _float64(episode: Episode) -> Episode:
 
 def check_meta_gradients(model: nn.Module, episode: Episode, strategies: list[str], *, tolerance: float) -> None:
     """Every strategy's meta-gradient equals higher's, in float64 (float32 rounding differs between machines)."""
-    model64, episode64 = copy.deepcopy(model).double(), _float64(episode)
+    model64, episode64 = copy.deepcopy(model).double(), float64(episode)
     expected = _references()["higher"](model64, episode64)
     for strategy in strategies:
         learner = MAML(model64, INNER_STEPS, INNER_LR, strategy=strategy)

@@ -160,6 +160,8 @@ def worker(spec: dict[str, Any]) -> int:
     import metaopt.testing  # noqa: F401
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if spec["device"].startswith("cuda"):
+        torch.ones(1, device=spec["device"])  # the CUDA context too, before the first time limit starts
     progress = Path(spec["progress"])
     for index, (recipe, precision) in zip(spec["ids"], spec["jobs"]):
         with progress.open("a") as stream:

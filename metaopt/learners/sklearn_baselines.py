@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from sklearn.ensemble import GradientBoostingRegressor
-from sklearn.multioutput import MultiOutputRegressor
-from sklearn.tree import DecisionTreeRegressor
 
 from metaopt.checks import optional, positive_float, positive_int
 from metaopt.episodes import Episode
 from metaopt.learners.base import Example, Learner
+
+if TYPE_CHECKING:  # scikit-learn is imported when an estimator is made: importing it costs seconds at every launch
+    from sklearn.ensemble import GradientBoostingRegressor
+    from sklearn.tree import DecisionTreeRegressor
 
 
 class PerTaskRegressor(Learner):
@@ -44,6 +45,8 @@ class PerTaskRegressor(Learner):
         if y.shape[1] == 1:
             return estimator.fit(x, y[:, 0]).predict(x_query)[:, None]
         if not self.multi_output:
+            from sklearn.multioutput import MultiOutputRegressor
+
             estimator = MultiOutputRegressor(estimator)
         return estimator.fit(x, y).predict(x_query)
 
@@ -57,6 +60,8 @@ class DecisionTreeBaseline(PerTaskRegressor):
         self.random_state = random_state
 
     def make_estimator(self) -> DecisionTreeRegressor:
+        from sklearn.tree import DecisionTreeRegressor
+
         return DecisionTreeRegressor(max_depth=self.max_depth, random_state=self.random_state)
 
     def extra_repr(self) -> str:
@@ -85,6 +90,8 @@ class GradientBoostingBaseline(PerTaskRegressor):
         self.random_state = random_state
 
     def make_estimator(self) -> GradientBoostingRegressor:
+        from sklearn.ensemble import GradientBoostingRegressor
+
         return GradientBoostingRegressor(
             n_estimators=self.n_estimators, max_depth=self.max_depth, learning_rate=self.learning_rate,
             random_state=self.random_state,

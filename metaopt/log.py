@@ -53,6 +53,18 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _new_folder(parent: Path) -> Path:
+    """A fresh ``parent/<timestamp>`` folder, made exclusively: two runs started at once never share one."""
+    parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        folder = parent / _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
 class Run:
     """A run's local folder and its W&B mirror.
 
@@ -92,8 +104,7 @@ class Run:
         self.name = name
         self.config = dict(config)
         if path is None:
-            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-            path = distributed.broadcast_object(Path(root) / name / stamp)
+            path = distributed.broadcast_object(_new_folder(Path(root) / name) if distributed.is_main() else None)
         self.path = Path(path)
         self.writes = distributed.is_main()
         self._wandb = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,7 +303,10 @@ class MetaTrainer:
         if self.world.is_main:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             tmp = target.with_suffix(".tmp")
-            torch.save(state, tmp)
+            with open(tmp, "wb") as file:
+                torch.save(state, file)
+                file.flush()
+                os.fsync(file.fileno())  # on disk before the rename makes it the latest
             tmp.replace(target)
         return target
 
@@ -317,14 +321,30 @@ class MetaTrainer:
         state = torch.load(path, map_location="cpu", weights_only=False) if self.world.is_main else None
         self.load_state_dict(distributed.broadcast_object(state))
 
+    def _newest_readable(self) -> tuple[Path | None, dict | None]:
+        """The newest checkpoint that loads; a truncated or corrupt one is set aside as ``step_N.pt.corrupt``."""
+        while (path := self.latest_checkpoint(self.checkpoint_dir)) is not None:
+            try:
+                return path, torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as error:  # noqa: BLE001 - any unreadable file: keep it for inspection, try the next
+                aside = path.with_name(path.name + ".corrupt")
+                path.replace(aside)
+                logger.warning("%s: checkpoint %s does not load (%s: %s); kept as %s, trying the one before",
+                               self.name, path, type(error).__name__, str(error).splitlines()[0] if str(error) else "",
+                               aside.name)
+        return None, None
+
     def resume(self) -> bool:
-        """Load the latest checkpoint of this learner from the run folder; False if there is none."""
+        """Load the newest readable checkpoint of this learner from the run folder; False if there is none.
+
+        Rank 0 reads it and sends it to the other ranks."""
         if self.checkpoint_dir is None:
             return False
-        path = distributed.broadcast_object(self.latest_checkpoint(self.checkpoint_dir))
+        path, state = self._newest_readable() if self.world.is_main else (None, None)
+        path, state = distributed.broadcast_object((path, state))
         if path is None:
             return False
-        self._load(path)
+        self.load_state_dict(state)
         logger.info("resumed %s from %s (step %d)", self.name, path, self.step)
         return True
 

@@ -50,3 +50,22 @@ def test_wandb_failing_mid_run_disables_mirroring_only(tmp_path, monkeypatch, ca
             run.log({"loss": 1.0}, step=step)
     assert sum("network down" in r.message for r in caplog.records) == 1
     assert len((run.path / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_run_folders_are_made_exclusively(tmp_path, monkeypatch):
+    """Two runs whose clocks read the same instant still get two folders."""
+    import datetime as real
+
+    from metaopt import log
+
+    instants = iter([real.datetime(2026, 1, 1, 12, 0, 0, 5)] * 2 + [real.datetime(2026, 1, 1, 12, 0, 0, 6)])
+
+    class Clock(real.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return next(instants)
+
+    monkeypatch.setattr(log._dt, "datetime", Clock)
+    first = Run("same", {}, root=tmp_path, wandb_mode="disabled")
+    second = Run("same", {}, root=tmp_path, wandb_mode="disabled")
+    assert first.path != second.path and first.path.name == "20260101-120000-000005"

@@ -244,3 +244,18 @@ def test_a_step_that_raises_after_an_unread_nonfinite_step_is_a_divergence(tmp_p
             t.fit()
     else:
         assert t.fit().steps == 10 and t.rollbacks == 1
+
+
+def test_resume_sets_a_truncated_checkpoint_aside_and_continues_from_the_one_before(tmp_path, caplog):
+    straight = trainer()
+    straight.fit()
+    run = Run("t", {}, root=tmp_path, wandb_mode="disabled")
+    trainer(run=run).fit()
+    latest = run.checkpoint_dir / "tf" / "step_00000010.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # a write cut short
+    resumed = trainer(run=run, learner=tiny_transformer(seed=4))
+    assert resumed.resume() and resumed.step == 5
+    assert "does not load" in caplog.text and (run.checkpoint_dir / "tf" / "step_00000010.pt.corrupt").exists()
+    resumed.fit()
+    for name, value in straight.learner.state_dict().items():
+        assert torch.equal(value, resumed.learner.state_dict()[name]), name

@@ -39,7 +39,10 @@ def _run(args: argparse.Namespace, **options: object) -> int:
 
     if args.nproc > 1:
         # check the recipe here, before any process starts, so bad input fails once and at once
-        load(args.recipe, args.overrides) if args.command == "run" else load_run(args.run_dir, args.overrides)
+        if args.command == "run":
+            load(args.recipe, args.overrides)
+        else:
+            load_run(args.run_dir, args.overrides)
         return _launch(args)
     recipe = args.recipe if args.command == "run" else None
     result = run(recipe, args.overrides, run_dir=getattr(args, "run_dir", None), **options)

@@ -476,7 +476,7 @@ class MetaTrainer:
                     continue
                 validating = self.step % self.val_every == 0 or self.step == self.steps
                 checkpointing = self.step % self.checkpoint_every == 0 or self.step == self.steps
-                if not (self.step % self.log_every == 0 or validating or checkpointing or self.step == self.steps):
+                if not (self.step % self.log_every == 0 or validating or checkpointing):
                     bar.update(1)
                     continue
                 bad, loss_value, grad_norm = self._read_pending()

@@ -192,9 +192,13 @@ def import_target(path: str, where: str) -> Any:
     """The object at a dotted import path such as ``metaopt.learners.Ridge``."""
     module_name, _, attr = str(path).rpartition(".")
     try:
-        return getattr(importlib.import_module(module_name), attr)
+        target = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as error:
         raise ConfigError(f"{where}._target_={path!r} cannot be imported: {error}") from error
+    if not callable(target):
+        raise ConfigError(f"{where}._target_={path!r} is a {type(target).__name__}; it must name a class or "
+                          "a function that builds the object")
+    return target
 
 
 def check_arguments(target: Callable, given: Sequence[str], where: str, *, supplied: Sequence[str] = (),
@@ -205,7 +209,11 @@ def check_arguments(target: Callable, given: Sequence[str], where: str, *, suppl
     ``partial`` allows required arguments to stay missing (they are given when the partial is called).
     """
     name = getattr(target, "__name__", repr(target))
-    parameters = inspect.signature(target).parameters
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError) as error:  # a builtin without a signature
+        raise ConfigError(f"{where}: {name} has no inspectable signature ({error}); name a Python class or "
+                          "function") from error
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     allowed = [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     unknown = [key for key in [*given, *supplied] if key not in allowed]
@@ -247,15 +255,20 @@ def instantiate(spec: DictConfig | dict, where: str, **supplied: Any) -> Any:
         raise ConfigError(f"{where}: {error}") from error
 
 
-def check_spec(spec: Any, where: str, *, supplied: Sequence[str] = ()) -> Any:
+def check_spec(spec: Any, where: str, *, supplied: Sequence[str] = (), expected: type | None = None) -> Any:
     """Check a ``_target_`` block without building it: the target imports and takes the arguments given.
 
-    Returns the target. Used for components a pipeline builds only later (after a tuning step).
+    A target that is a class must be a subclass of ``expected`` (a factory function is checked when it has
+    built its object). Returns the target. Used at load time, and for components a pipeline builds only
+    later (after a tuning step).
     """
     if not isinstance(spec, (dict, DictConfig)) or "_target_" not in spec:
         raise ConfigError(f"{where} needs a _target_ (an import path such as optimizers.LayerwiseMixture)")
     keys = [k for k in spec if k not in ("_target_", "_partial_")]
     target = import_target(spec["_target_"], where)
+    if expected is not None and isinstance(target, type) and not issubclass(target, expected):
+        raise ConfigError(f"{where}._target_={spec['_target_']!r} is a {target.__name__}, not a "
+                          f"{expected.__module__}.{expected.__name__}")
     check_arguments(target, keys, where, supplied=supplied, partial=bool(spec.get("_partial_", False)))
     return target
 

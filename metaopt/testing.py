@@ -10,7 +10,26 @@ from omegaconf import OmegaConf
 
 from metaopt.pipelines import load
 
-__all__ = ["OPTIMIZER_TINY", "shrunk"]
+__all__ = ["OPTIMIZER_TINY", "TINY", "shrunk"]
+
+TINY = {
+    "name": "tiny",
+    "description": "A tiny end-to-end recipe for tests.",
+    "progress": False,
+    "task": {"_target_": "metaopt.tasks.LinearRegression", "dim": 2},
+    "learners": {
+        "transformer": {"_target_": "metaopt.learners.Transformer", "x_dim": 2, "max_support": 4,
+                        "n_embd": 16, "n_layer": 1, "n_head": 2},
+        "least_squares": {"_target_": "metaopt.learners.LeastSquares"},
+        "gd": {"_target_": "metaopt.learners.GradientDescent", "steps": 2, "lr": 0.1},
+    },
+    "train": {"steps": 6, "batch_size": 8, "support": 4, "val_every": 3, "val_tasks": 16, "checkpoint_every": 3,
+              "log_every": 1},
+    "compare": {"support_sizes": [0, 2, 4], "num_tasks": 32, "bootstrap": 100},
+    "claims": [{"text": "LS is exact at k=d", "learner": "least_squares", "k": 2, "below": 1e-4}],
+}
+"""A complete ``episodes`` recipe (a transformer against least squares and GD on 2-d regression) that runs
+end to end, checkpoints and resumes in a few seconds: the CLI and reliability tests write it to a file."""
 
 OPTIMIZER_TINY = [
     "wandb.mode=disabled", "threads=1", "environment.horizon=4", "environment.pretrain_steps=5",

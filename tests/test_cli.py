@@ -9,23 +9,7 @@ import yaml
 from metaopt.cli import main
 from metaopt.config import RECIPE_DIR
 from metaopt.pipelines import build, load
-
-TINY = {
-    "name": "tiny",
-    "description": "A tiny end-to-end recipe for tests.",
-    "progress": False,
-    "task": {"_target_": "metaopt.tasks.LinearRegression", "dim": 2},
-    "learners": {
-        "transformer": {"_target_": "metaopt.learners.Transformer", "x_dim": 2, "max_support": 4,
-                        "n_embd": 16, "n_layer": 1, "n_head": 2},
-        "least_squares": {"_target_": "metaopt.learners.LeastSquares"},
-        "gd": {"_target_": "metaopt.learners.GradientDescent", "steps": 2, "lr": 0.1},
-    },
-    "train": {"steps": 6, "batch_size": 8, "support": 4, "val_every": 3, "val_tasks": 16, "checkpoint_every": 3,
-              "log_every": 1},
-    "compare": {"support_sizes": [0, 2, 4], "num_tasks": 32, "bootstrap": 100},
-    "claims": [{"text": "LS is exact at k=d", "learner": "least_squares", "k": 2, "below": 1e-4}],
-}
+from metaopt.testing import TINY
 
 
 @pytest.fixture
@@ -107,7 +91,7 @@ def test_recipes_lists_bundled_recipes(capsys):
 
 
 FIXTURE_OVERRIDES = {  # the fixture: 3 background alphabets, 4 drawings per character
-    "omniglot": ["task.source.val_alphabets=1", "task.queries=2"],
+    "omniglot": ["task.source.val_alphabets=1", "task.queries=2", "train.query=10", "compare.query=10"],
 }
 
 

@@ -28,7 +28,8 @@ REPRODUCTIONS = [
 # The variants docs/reproductions.md names as overrides.
 VARIANTS = [
     ("boolean_architectures", ["task.teaching=true"]),
-    ("boolean_architectures_dnf", ["task.teaching=true"]),
+    ("boolean_architectures_dnf", ["task.teaching=true", "train.support=28", "compare.support_sizes=[0,4,8,12,16,20,24,28]",
+                                   "learners.transformer.max_support=28", "learners.hyena.max_support=28"]),
     ("boolean_architectures_parity", ["task.teaching=true"]),
 ]
 

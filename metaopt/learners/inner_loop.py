@@ -58,7 +58,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from metaopt.checks import non_negative_int, one_of, optional
 from metaopt.episodes import Episode
 from metaopt.kinds import EpisodeKind
-from metaopt.learners.base import Example, Learner
+from metaopt.learners.base import Example, Learner, check_module_input
 from metaopt.learners.task_folding import STRATEGIES, per_task_call, resolve_strategy
 from metaopt.tasks.regression import LinearRegression
 from optimizers import FunctionalOptimizer, GradientTransformation, Params, apply_updates, sgd
@@ -304,6 +304,15 @@ class InnerLoop(Learner):
         else:
             outputs = self._predict_func(episode)
         return self._shape_outputs(outputs, episode)
+
+    def check_fits(self, episode: Episode) -> None:
+        """The kind, and the model's output per query against the episode's labels, on the meta device."""
+        self.check_episode(episode)
+        outputs = check_module_input("InnerLoop", self.model, episode.x_query[0])
+        shape = episode.prediction_shape
+        if outputs is not None and outputs.shape[1:].numel() != shape[2:].numel():
+            raise ValueError(f"InnerLoop: the model must output {tuple(shape[2:])} per query for kind="
+                             f"{episode.kind!r} episodes; got {tuple(outputs.shape[1:])}")
 
     def _predict_func(self, episode: Episode) -> Tensor:
         return self._run_tasks(self.adapt(episode), self._body(episode.x_query), self.resolved_strategy())

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metaopt.episodes import Episode
-from metaopt.learners.base import Example, Learner
+from metaopt.learners.base import Example, Learner, check_module_input
 from metaopt.learners.maml import NetworkSpec, build_network
 from metaopt.tasks.images.few_shot import FewShotImages
 
@@ -49,6 +49,11 @@ class ProtoNet(Learner):
     def embed(self, x: Tensor) -> Tensor:
         """Embeddings ``[T, N, E]`` of inputs ``[T, N, *x]``, task by task (batch-norm statistics stay per task)."""
         return torch.func.vmap(self.network)(x).flatten(2)
+
+    def check_fits(self, episode: Episode) -> None:
+        """The kind, and that the network embeds the episode's inputs (on the meta device, no arithmetic)."""
+        self.check_episode(episode)
+        check_module_input("ProtoNet", self.network, episode.x_query[0])
 
     def forward(self, episode: Episode) -> Tensor:
         self.check_episode(episode)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from metaopt.checks import positive_float, positive_int
+from metaopt.checks import boolean, positive_float, positive_int
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
 from metaopt.runtime import full_precision
@@ -83,8 +83,8 @@ class GradientDescent(LinearSolver):
     def __init__(self, steps: int = 1, lr: float = 0.1, learn_lr: bool = False) -> None:
         super().__init__()
         self.steps = positive_int("steps", steps, owner="GradientDescent")
-        lr_tensor = torch.tensor(float(lr))
-        if learn_lr:
+        lr_tensor = torch.tensor(positive_float("lr", lr, owner="GradientDescent"))
+        if boolean("learn_lr", learn_lr, owner="GradientDescent"):
             self.lr = torch.nn.Parameter(lr_tensor)
         else:
             self.register_buffer("lr", lr_tensor)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -144,9 +146,9 @@ def build(config: DictConfig) -> Any:
     return PIPELINES[config.pipeline].build(config)
 
 
-def _open_run(config: DictConfig, path: Path | None) -> Run:
+def _open_run(config: DictConfig, path: Path | None, job_type: str = "train") -> Run:
     run = Run.open(config.name, OmegaConf.to_container(config, resolve=True), config.wandb,
-                   root=config.output_dir, path=path)
+                   root=config.output_dir, path=path, job_type=job_type)
     run.write_config(to_yaml(config))
     return run
 
@@ -193,6 +195,7 @@ def run(
         check_precision(config.precision, device)
     except ValueError as error:
         raise ConfigError(str(error)) from error
+    _check_writable(Path(config.output_dir) if path is None else path, "output_dir" if path is None else "run_dir")
     if config.threads:  # before building: some components compute when built (a pre-trained environment)
         torch.set_num_threads(distributed.threads_per_process(config.threads))
     with distributed.session(device) as current:
@@ -200,11 +203,25 @@ def run(
             logger.info("distributed run: %d processes (%s)", current.size, distributed.backend())
         experiment = build(_on(config, device))
         keep_freed_memory()  # large activations reuse freed memory instead of fresh pages (metaopt/allocator.py)
-        with _open_run(config, path) as opened:
+        with _open_run(config, path, "train" if train else "compare") as opened:
             logger.info("run folder: %s", opened.path)
             results, report = PIPELINES[config.pipeline].execute(experiment, opened, resume=resume, train=train)
         distributed.barrier()  # no rank leaves (and tears the group down) while another still writes
     return RunResult(opened.path, config, results, report)
+
+
+def _check_writable(folder: Path, key: str) -> None:
+    """Refuse, before any work, a folder the run could not create or write into (nothing is created here)."""
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={str(folder)!r} cannot be created: {existing} is a file, not a folder")
+    try:  # a real attempt: permissions, read-only and special file systems all answer it
+        os.rmdir(tempfile.mkdtemp(prefix=".metaopt-write-check-", dir=existing))
+    except OSError as error:
+        raise ConfigError(f"{key}={str(folder)!r} cannot be created or written: a folder cannot be made in "
+                          f"{existing} ({error.strerror or error})") from error
 
 
 def _on(config: DictConfig, device: torch.device) -> DictConfig:

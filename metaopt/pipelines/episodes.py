@@ -20,12 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from metaopt import compare as comparing
+from metaopt import wandb_native
 from metaopt.analysis.suite import parse_analyses
 from metaopt.analysis.tracking import plot_tracked, sensitivity_references, sensitivity_tracker
 from metaopt.compare import ClaimSpec, CompareSettings, Comparison
 from metaopt.config import (
     CommonSettings, ConfigError, build_instance, check_spec, describe, import_target, plain, settings,
 )
+from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
 from metaopt.log import Run
 from metaopt.seeds import SeedPlan
@@ -117,13 +119,13 @@ def validate(config: DictConfig, source: str) -> None:
     """Every check that needs no built component: sections, ``_target_`` arguments, claims, hooks."""
     if "_target_" not in config.task:
         raise ConfigError(f"{source}: task needs a _target_ (e.g. metaopt.tasks.LinearRegression)")
-    check_spec(config.task, "task")
+    check_spec(config.task, "task", expected=TaskFamily)
     if not config.learners:
         raise ConfigError(f"{source}: learners is empty; name at least one learner with a _target_")
     for name, spec in config.learners.items():
         if not isinstance(spec, DictConfig) or "_target_" not in spec:
             raise ConfigError(f"{source}: learners.{name} needs a _target_ (e.g. metaopt.learners.Ridge)")
-        check_spec({k: v for k, v in spec.items() if k != "train"}, f"learners.{name}")
+        check_spec({k: v for k, v in spec.items() if k != "train"}, f"learners.{name}", expected=Learner)
         train_settings(config, name)
     compare = settings(config.compare, CompareSettings, "compare")
     for i, claim in enumerate(config.claims):
@@ -161,10 +163,41 @@ def build(config: DictConfig) -> EpisodeExperiment:
                 train[name].check_family(family)
             except ValueError as error:
                 raise ConfigError(f"train.curriculum of learner {name!r}: {error}") from error
+    compare = settings(config.compare, CompareSettings, "compare")
+    check_fits(family, eval_family, learners, train, compare)
     claims = [settings(claim, ClaimSpec, f"claims[{i}]") for i, claim in enumerate(config.claims)]
     evaluations = [_hook(spec, f"evaluate[{i}]") for i, spec in enumerate(config.evaluate)]
-    return EpisodeExperiment(config, family, eval_family, learners, train,
-                             settings(config.compare, CompareSettings, "compare"), claims, evaluations)
+    return EpisodeExperiment(config, family, eval_family, learners, train, compare, claims, evaluations)
+
+
+def _probe(family: TaskFamily, support: int, query: int, keys: str) -> Episode:
+    """One task of ``family`` with the given sizes (its split decoded: a bad image file fails here, not later)."""
+    try:
+        return family.sample(1, support, query, generator=torch.Generator().manual_seed(0))
+    except ValueError as error:
+        raise ConfigError(f"{keys}: {error}") from error
+
+
+def check_fits(family: TaskFamily, eval_family: TaskFamily, learners: dict[str, Learner],
+               train: dict[str, TrainSettings], compare: CompareSettings) -> None:
+    """Refuse, before any work, a learner that cannot take the largest episodes of training or comparison.
+
+    Each learner's :meth:`~metaopt.learners.base.Learner.check_fits` sees a one-task probe of the comparison's
+    largest support size, and a trainable one also a probe of its training sizes (``max_support``, input sizes,
+    a model's input shape are checked without computing).
+    """
+    compared = _probe(eval_family, max(compare.support_sizes), compare.query, "compare.support_sizes/compare.query")
+    for name, learner in learners.items():
+        probes = [("compare.support_sizes", compared)]
+        if name in train:
+            probes.append(("train.support", _probe(family, train[name].support, train[name].query,
+                                                   "train.support/train.query")))
+        for keys, probe in probes:
+            try:
+                learner.check_fits(probe)
+            except ValueError as error:
+                raise ConfigError(f"learners.{name} cannot take the episodes that {keys} asks for "
+                                  f"(support {probe.num_support}): {error}") from error
 
 
 # ---------------------------------------------------------------------- execution
@@ -247,9 +280,13 @@ def _evaluate(experiment: EpisodeExperiment, run: Run) -> dict[str, Any]:
 def execute(experiment: EpisodeExperiment, run: Run, *, resume: bool = False,
             train: bool = True) -> tuple[dict[str, Any], str]:
     """Train (or load), compare and evaluate; returns ``{"comparison": ..., "evaluations": ...}`` and the report."""
+    wandb_native.declare_axes(run, list(experiment.train))
     if train:
         _train_all(experiment, run, resume)
     else:
         _load_trained(experiment, run)
     comparison, report = _compare_and_report(experiment, run)
+    wandb_native.log_comparison(run, comparison)
+    if train:
+        wandb_native.log_learners(run, list(experiment.train), comparison)
     return {"comparison": comparison, "evaluations": _evaluate(experiment, run)}, report

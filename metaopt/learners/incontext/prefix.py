@@ -54,6 +54,17 @@ class PrefixLearner(Learner):
         # a concatenated context token [x_j, y_j] sees its own label: no prefix prediction can be read there
         assert not self.reads_prefixes_from_context or self.token_format == "interleaved"
 
+    def _check_support_size(self, support: int) -> None:
+        if self.max_support is not None and support > self.max_support:
+            raise ValueError(f"{type(self).__name__} was built for at most max_support={self.max_support} support "
+                             f"examples; got {support}")
+
+    def check_fits(self, episode: Episode) -> None:
+        """The kind, ``x_dim``/``y_dim`` and ``max_support`` against ``episode`` (see ``Learner.check_fits``)."""
+        self.check_episode(episode)
+        episode_arrays(type(self).__name__, episode, self.x_dim, self.y_dim)
+        self._check_support_size(episode.num_support)
+
     def _probe(self, context: torch.Tensor, probes: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """Predictions ``[T, P, y]`` for probe tokens ``[T, P, E]``, probe p seeing ``context[:, :visible[p]]``.
 
@@ -71,8 +82,7 @@ class PrefixLearner(Learner):
         xs, ys, xq = episode_arrays(owner, episode, self.x_dim, self.y_dim)
         T, S, _ = xs.shape
         Q, K = xq.shape[1], len(support_sizes)
-        if self.max_support is not None and S > self.max_support:
-            raise ValueError(f"{owner} was built for at most max_support={self.max_support} support examples; got {S}")
+        self._check_support_size(S)
         context = context_tokens(xs, ys, self.token_format)  # [T, C, E]
         probe_x = [xq.repeat(1, K, 1)]  # [T, K * Q, x], query q for size k at k * Q + q
         sizes = torch.tensor([context_length(k, self.token_format) for k in support_sizes], dtype=torch.long)

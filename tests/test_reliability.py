@@ -1,0 +1,99 @@
+"""Faults a user meets: bad settings refused before any work (exit 2, the key named), nothing left behind.
+
+docs/reliability.md lists every fault tried and its outcome; this file holds the recipe-level ones.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from metaopt.cli import main
+from metaopt.testing import TINY
+
+RIDGE = "learners.ridge={_target_: metaopt.learners.Ridge, lam: %s}"
+DIMS = "train.curriculum.dims={start: 1, end: %d, increment: 1, every: 2}"
+
+BAD_SETTINGS = [  # (override, what the message must say)
+    ("compare.num_tasks=0", "compare.num_tasks must be an int >= 1; got 0"),
+    ("compare.num_tasks=-1", "compare.num_tasks must be an int >= 1; got -1"),
+    ("compare.query=0", "compare.query must be an int >= 1; got 0"),
+    ("compare.support_sizes=[]", "support_sizes must be a non-empty list"),
+    ("compare.support_sizes=[-1,2]", "compare.support_sizes[0] must be an int >= 0; got -1"),
+    ("compare.support_sizes=[0,2,50]", "learners.transformer cannot take the episodes that compare.support_sizes"),
+    ("train.support=50", "learners.transformer cannot take the episodes that train.support asks for"),
+    ("compare.chunk_size=0", "compare.chunk_size must be an int >= 1; got 0"),
+    ("compare.bootstrap=0", "compare.bootstrap must be an int >= 1; got 0"),
+    ("learners.transformer.x_dim=3", "Transformer was built for x_dim=3"),
+    ("train.grad_clip=-1", "train.grad_clip must be None or a finite number > 0"),
+    ("train.grad_clip=nan", "train.grad_clip must be None or a finite number > 0"),
+    (RIDGE % "nan", "lam must be a finite number > 0"),
+    (RIDGE % "inf", "lam must be a finite number > 0"),
+    ("task.noise_std=inf", "noise_std must be a finite number >= 0"),
+    ("task.noise_std=nan", "noise_std must be a finite number >= 0"),
+    ("train.warmup_steps=-5", "train.warmup_steps must be an int >= 0; got -5"),
+    (DIMS % 9, "active dims must be an int in [1, 2]; got 9"),
+    ("threads=-1", "threads must be None or an int >= 1; got -1"),
+    ("device=banana", "device must be auto, cpu, cuda or cuda:N"),
+    ("learners.gd.lr=nan", "GradientDescent: lr must be a finite number > 0"),
+    ("learners.gd.learn_lr=maybe", "learn_lr"),
+    ("learners.gd._target_=metaopt.tasks.LinearRegression", "is a LinearRegression, not a metaopt.learners.base.Learner"),
+    ("learners.gd._target_=math.pi", "learners.gd._target_='math.pi' is a float; it must name a class or a function"),
+    ("learners.gd._target_=metaopt.learners", "is a module; it must name a class or a function"),
+    ("task._target_=metaopt.learners.Ridge", "is a Ridge, not a metaopt.tasks.base.TaskFamily"),
+    ("train.lr=-1", "train.lr must be a finite number > 0"),
+    ("seed=-3", "seed must be an int >= 0; got -3"),
+]
+
+
+@pytest.fixture
+def recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+@pytest.mark.parametrize("override, message", BAD_SETTINGS, ids=[o for o, _ in BAD_SETTINGS])
+def test_bad_setting_is_refused_before_any_work(recipe, tmp_path, capsys, override, message):
+    out = tmp_path / "runs"
+    assert main(["run", str(recipe), f"output_dir={out}", override]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("metaopt: error:") and message in error, error
+    assert "Traceback" not in error
+    assert not out.exists(), "a run folder was made before the setting was refused"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 7, reason="this machine has a cuda:7")
+def test_absent_cuda_device_is_refused(recipe, tmp_path, capsys):
+    assert main(["run", str(recipe), f"output_dir={tmp_path / 'runs'}", "device=cuda:7"]) == 2
+    assert "cuda:7" in capsys.readouterr().err
+
+
+def test_output_dir_that_cannot_be_made_is_refused_before_work(recipe, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert main(["run", str(recipe), f"output_dir={blocker / 'runs'}"]) == 2
+    assert f"{blocker} is a file, not a folder" in capsys.readouterr().err
+    assert blocker.read_text() == "not a folder"
+
+
+def test_unwritable_output_dir_is_refused_before_work(recipe, tmp_path, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("tempfile.mkdtemp", refuse)  # root may write anywhere: the refusal is simulated
+    assert main(["run", str(recipe), f"output_dir={tmp_path / 'runs'}"]) == 2
+    assert "cannot be created or written" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_corrupt_image_in_the_evaluation_split_is_refused_before_work(omniglot_root, tmp_path, capsys):
+    (drawing,) = sorted((omniglot_root / "images_evaluation").rglob("*.png"))[:1]
+    drawing.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "runs"
+    overrides = [f"task.source.root={omniglot_root}", "task.source.val_alphabets=1", "task.queries=2",
+                 "train.query=10", "compare.query=10", f"output_dir={out}", "wandb.mode=disabled"]
+    assert main(["run", "omniglot", *overrides]) == 2
+    error = capsys.readouterr().err
+    assert f"could not decode image {drawing}" in error and not out.exists()
+

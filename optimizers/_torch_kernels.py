@@ -84,21 +84,24 @@ def _run_fused(fused: Callable[[int], bool], count: int) -> int:
 
 def adam_(
     targets: Tensors, grads: Tensors, mus: Tensors, nus: Tensors, scratch: Tensors, *, scales: Sequence[float],
-    count: int, b1: float, b2: float, eps: float, eps_root: float,
+    count: int | Sequence[int], b1: float, b2: float, eps: float, eps_root: float,
 ) -> None:
-    """Adam's direction at step ``count`` (>= 1): ``m̂_t / (sqrt(v̂_t + eps_root) + eps)``, advancing ``m`` and ``v``.
+    """Adam's direction at step ``count`` (>= 1; one for all tensors or one per tensor):
+    ``m̂_t / (sqrt(v̂_t + eps_root) + eps)``, advancing ``m`` and ``v``.
 
     The fused kernel covers ``eps_root = 0``.
     """
+    counts = [count] * len(targets) if isinstance(count, int) else list(count)
     done = 0
     if eps_root == 0 and _fusable(targets, grads, mus, nus):
-        step = torch.full((), float(count), dtype=torch.float32, device=grads[0].device)
+        steps = {c: torch.full((), float(c), dtype=torch.float32, device=grads[0].device) for c in set(counts)}
         done = _run_fused(
-            lambda i: _fused_adam(targets[i], grads[i], mus[i], nus[i], scales[i], step, b1=b1, b2=b2, eps=eps),
+            lambda i: _fused_adam(targets[i], grads[i], mus[i], nus[i], scales[i], steps[counts[i]], b1=b1, b2=b2,
+                                  eps=eps),
             len(targets),
         )
-    correction1, correction2 = 1.0 - b1**count, 1.0 - b2**count
     for i in range(done, len(targets)):
+        correction1, correction2 = 1.0 - b1 ** counts[i], 1.0 - b2 ** counts[i]
         g, mu, nu, tmp = grads[i], mus[i], nus[i], scratch[i]
         mu.lerp_(g, 1.0 - b1)
         nu.lerp_(torch.mul(g, g, out=tmp), 1.0 - b2)

@@ -3,8 +3,11 @@
 Every base optimizer ``foo(lr, ...)`` is ``chain(foo_direction(...), scale_by_learning_rate(lr))``: the
 direction ``d_t`` is what gets subtracted, ``θ_{t+1} = θ_t - lr_t * d_t``. Learned optimizers mix the
 directions listed in :data:`DIRECTIONS`. Defaults and conventions follow ``torch.optim`` so that each optimizer
-reproduces its torch counterpart step for step. ``lr`` may be a number, a tensor (to meta-learn it) or a
-schedule from :mod:`optimizers.schedules`.
+reproduces its torch counterpart step for step; the options torch users expect are here under torch's names
+(``weight_decay``, ``dampening``, ``amsgrad``, ``maximize``, ...). ``lr`` may be a number, a tensor (to
+meta-learn it) or a schedule from :mod:`optimizers.schedules`. Every optimizer and direction here records its
+arguments (:class:`~optimizers.base.Hyperparameters`), which is how ``as_torch_optimizer`` reads its learning
+rate and options and rebuilds it with a param group's.
 
 Adding a direction ``foo`` touches this file, ``transforms.py`` and a test:
 
@@ -26,12 +29,15 @@ Adding a direction ``foo`` touches this file, ``transforms.py`` and a test:
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 
 from optimizers._checks import non_negative_float
-from optimizers.base import GradientTransformation, Scalar, Schedule, chain, identity
+from optimizers.base import GradientTransformation, Hyperparameters, Scalar, Schedule, chain, identity
 from optimizers.transforms import (
     add_decayed_weights,
+    maximize as ascend,
     maybe,
     scale_by_adam,
     scale_by_learning_rate,
@@ -65,31 +71,49 @@ __all__ = [
 LearningRate = Scalar | Schedule
 
 
+def _rebuildable(factory: Callable[..., GradientTransformation]) -> Callable[..., GradientTransformation]:
+    """``factory`` whose transforms record their arguments, every default filled in, as ``hyperparams``."""
+    signature = inspect.signature(factory)
+
+    @functools.wraps(factory)
+    def build(*args: object, **kwargs: object) -> GradientTransformation:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return factory(*args, **kwargs)._replace(hyperparams=Hyperparameters(build, dict(bound.arguments)))
+
+    return build
+
+
 # --- directions (before the learning-rate step) -------------------------------------------------------------
 
 
+@_rebuildable
 def sgd_direction() -> GradientTransformation:
     """``d_t = g_t``."""
     return identity()
 
 
+@_rebuildable
 def momentum_direction(beta: Scalar = 0.9) -> GradientTransformation:
     """Heavy ball: ``d_t = b_t = beta * b_{t-1} + g_t``."""
     return trace(beta)
 
 
+@_rebuildable
 def nesterov_direction(beta: Scalar = 0.9) -> GradientTransformation:
     """Nesterov momentum as in torch: ``d_t = g_t + beta * b_t``."""
     return trace(beta, nesterov=True)
 
 
+@_rebuildable
 def adam_direction(
-    b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8, *, eps_root: Scalar = 0.0
+    b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8, *, eps_root: Scalar = 0.0, amsgrad: bool = False
 ) -> GradientTransformation:
     """Adam (Kingma & Ba 2015): ``d_t = m̂_t / (sqrt(v̂_t) + eps)``."""
-    return scale_by_adam(b1, b2, eps, eps_root=eps_root)
+    return scale_by_adam(b1, b2, eps, eps_root=eps_root, amsgrad=amsgrad)
 
 
+@_rebuildable
 def rmsprop_direction(
     alpha: Scalar = 0.99, eps: Scalar = 1e-8, *, centered: bool = False, eps_root: Scalar = 0.0
 ) -> GradientTransformation:
@@ -97,16 +121,19 @@ def rmsprop_direction(
     return scale_by_rms(alpha, eps, centered=centered, eps_root=eps_root)
 
 
+@_rebuildable
 def adagrad_direction(eps: Scalar = 1e-10, *, initial_accumulator_value: Scalar = 0.0) -> GradientTransformation:
     """Adagrad (Duchi et al. 2011): ``d_t = g_t / (sqrt(sum_s g_s^2) + eps)``."""
     return scale_by_rss(eps, initial_accumulator_value=initial_accumulator_value)
 
 
+@_rebuildable
 def sign_direction() -> GradientTransformation:
     """signSGD (Bernstein et al. 2018): ``d_t = sign(g_t)``."""
     return scale_by_sign()
 
 
+@_rebuildable
 def lion_direction(b1: Scalar = 0.9, b2: Scalar = 0.99) -> GradientTransformation:
     """Lion (Chen et al. 2023): ``d_t = sign(b1 * m_{t-1} + (1 - b1) * g_t)``."""
     return scale_by_lion(b1, b2)
@@ -138,28 +165,39 @@ DEFAULT_BASE_LRS: dict[str, float] = {
 
 
 # --- optimizers ---------------------------------------------------------------------------------------------
+# ``maximize=True`` runs the optimizer on -g (torch's maximize); coupled (L2) weight decay adds wd * θ to the
+# gradient first, decoupled weight decay (AdamW, Lion) adds it to the direction.
 
 
+@_rebuildable
 def sgd(
-    lr: LearningRate, momentum: Scalar = 0.0, *, nesterov: bool = False, weight_decay: Scalar = 0.0
+    lr: LearningRate, momentum: Scalar = 0.0, *, nesterov: bool = False, weight_decay: Scalar = 0.0,
+    dampening: Scalar = 0.0, maximize: bool = False,
 ) -> GradientTransformation:
     """SGD as ``torch.optim.SGD``: coupled weight decay ``g + wd * θ``, then heavy-ball or Nesterov momentum."""
     if nesterov and (isinstance(momentum, float | int) and momentum <= 0):
         raise ValueError(f"nesterov=True needs momentum > 0; got momentum={momentum!r}")
-    return chain(
+    return _ascending(maximize, chain(
         maybe(_nonzero(weight_decay), lambda: add_decayed_weights(weight_decay)),
-        maybe(_nonzero(momentum), lambda: trace(momentum, nesterov=nesterov)),
+        maybe(_nonzero(momentum), lambda: trace(momentum, nesterov=nesterov, dampening=dampening)),
         scale_by_learning_rate(lr),
-    )
+    ))
 
 
+@_rebuildable
 def adam(
-    lr: LearningRate, b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8, *, eps_root: Scalar = 0.0
+    lr: LearningRate, b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8, *, eps_root: Scalar = 0.0,
+    weight_decay: Scalar = 0.0, amsgrad: bool = False, maximize: bool = False,
 ) -> GradientTransformation:
-    """Adam (Kingma & Ba 2015), as ``torch.optim.Adam``."""
-    return chain(adam_direction(b1, b2, eps, eps_root=eps_root), scale_by_learning_rate(lr))
+    """Adam (Kingma & Ba 2015), as ``torch.optim.Adam`` (``weight_decay`` is L2, added to the gradient)."""
+    return _ascending(maximize, chain(
+        maybe(_nonzero(weight_decay), lambda: add_decayed_weights(weight_decay)),
+        scale_by_adam(b1, b2, eps, eps_root=eps_root, amsgrad=amsgrad),
+        scale_by_learning_rate(lr),
+    ))
 
 
+@_rebuildable
 def adamw(
     lr: LearningRate,
     b1: Scalar = 0.9,
@@ -168,13 +206,17 @@ def adamw(
     weight_decay: Scalar = 1e-2,
     *,
     eps_root: Scalar = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
 ) -> GradientTransformation:
     """AdamW (Loshchilov & Hutter 2019), as ``torch.optim.AdamW``: ``d_t = adam_t + wd * θ_t`` (decoupled)."""
-    return chain(
-        adam_direction(b1, b2, eps, eps_root=eps_root), add_decayed_weights(weight_decay), scale_by_learning_rate(lr)
-    )
+    return _ascending(maximize, chain(
+        scale_by_adam(b1, b2, eps, eps_root=eps_root, amsgrad=amsgrad), add_decayed_weights(weight_decay),
+        scale_by_learning_rate(lr),
+    ))
 
 
+@_rebuildable
 def rmsprop(
     lr: LearningRate,
     alpha: Scalar = 0.99,
@@ -183,45 +225,65 @@ def rmsprop(
     *,
     centered: bool = False,
     eps_root: Scalar = 0.0,
+    weight_decay: Scalar = 0.0,
+    maximize: bool = False,
 ) -> GradientTransformation:
     """RMSProp (Tieleman & Hinton 2012), as ``torch.optim.RMSprop`` (momentum applied to the scaled gradient)."""
-    return chain(
-        rmsprop_direction(alpha, eps, centered=centered, eps_root=eps_root),
+    return _ascending(maximize, chain(
+        maybe(_nonzero(weight_decay), lambda: add_decayed_weights(weight_decay)),
+        scale_by_rms(alpha, eps, centered=centered, eps_root=eps_root),
         maybe(_nonzero(momentum), lambda: trace(momentum)),
         scale_by_learning_rate(lr),
-    )
+    ))
 
 
+@_rebuildable
 def adagrad(
     lr: Scalar,
     lr_decay: float = 0.0,
     eps: Scalar = 1e-10,
     *,
     initial_accumulator_value: Scalar = 0.0,
+    weight_decay: Scalar = 0.0,
+    maximize: bool = False,
 ) -> GradientTransformation:
     """Adagrad (Duchi et al. 2011), as ``torch.optim.Adagrad``: step size ``lr / (1 + t * lr_decay)``."""
     non_negative_float("lr_decay", lr_decay, owner="adagrad")
     rate = (lambda count: lr / (1.0 + count.double() * lr_decay)) if lr_decay else lr
-    return chain(
-        adagrad_direction(eps, initial_accumulator_value=initial_accumulator_value), scale_by_learning_rate(rate)
-    )
+    return _ascending(maximize, chain(
+        maybe(_nonzero(weight_decay), lambda: add_decayed_weights(weight_decay)),
+        scale_by_rss(eps, initial_accumulator_value=initial_accumulator_value),
+        scale_by_learning_rate(rate),
+    ))
 
 
-def sign_descent(lr: LearningRate, momentum: Scalar = 0.0) -> GradientTransformation:
+@_rebuildable
+def sign_descent(lr: LearningRate, momentum: Scalar = 0.0, *, maximize: bool = False) -> GradientTransformation:
     """signSGD (Bernstein et al. 2018); with ``momentum > 0``, the sign of the heavy-ball buffer (Signum)."""
-    return chain(maybe(_nonzero(momentum), lambda: trace(momentum)), sign_direction(), scale_by_learning_rate(lr))
+    return _ascending(maximize, chain(
+        maybe(_nonzero(momentum), lambda: trace(momentum)), scale_by_sign(), scale_by_learning_rate(lr)
+    ))
 
 
-def lion(lr: LearningRate, b1: Scalar = 0.9, b2: Scalar = 0.99, weight_decay: Scalar = 0.0) -> GradientTransformation:
+@_rebuildable
+def lion(
+    lr: LearningRate, b1: Scalar = 0.9, b2: Scalar = 0.99, weight_decay: Scalar = 0.0, *, maximize: bool = False
+) -> GradientTransformation:
     """Lion (Chen et al. 2023): ``θ_{t+1} = θ_t - lr * (sign(b1 m_{t-1} + (1-b1) g_t) + wd * θ_t)``."""
-    return chain(
-        lion_direction(b1, b2),
+    return _ascending(maximize, chain(
+        scale_by_lion(b1, b2),
         maybe(_nonzero(weight_decay), lambda: add_decayed_weights(weight_decay)),
         scale_by_learning_rate(lr),
-    )
+    ))
+
+
+def _ascending(maximize: bool, transform: GradientTransformation) -> GradientTransformation:
+    """``transform`` run on ``-g`` when ``maximize`` (keyword-only flag of every optimizer here)."""
+    if not isinstance(maximize, bool):
+        raise ValueError(f"maximize must be True or False; got {maximize!r}")
+    return ascend(transform) if maximize else transform
 
 
 def _nonzero(value: Scalar) -> bool:
     """Whether an optional piece is switched on: a tensor always is (it may be learned), a number when != 0."""
     return not isinstance(value, float | int) or value != 0
-

@@ -6,6 +6,11 @@ An optimizer is a :class:`GradientTransformation`, a named tuple of ``init(param
 ``torch.func.vmap`` and meta-gradients flow through them into tensor-valued hyper-parameters. ``loss`` is
 the current training loss; hand-designed transforms ignore it, learned optimizers use it as a feature.
 
+A gradient may be ``None`` (an unused parameter, as TorchOpt passes it): its update is ``None``, its state
+entries and its step count stay as they were, and :func:`apply_updates` leaves the parameter alone, which is
+what ``torch.optim`` does for a parameter without ``.grad``. Optimizers work on real tensors; a complex
+parameter is refused at ``init`` (``as_torch_optimizer`` views complex parameters as real, as ``torch.optim``).
+
 A transform may also carry an in-place kernel (:class:`InPlaceUpdate`): the same rule, advancing its state
 tensors in place and adding its updates into given tensors, for a caller that keeps no autograd graph (the
 ``torch.optim`` bridge, :class:`~optimizers.LayerwiseMixture` without a graph). :func:`apply_in_place` uses the
@@ -29,6 +34,7 @@ Schedule = Callable[[Tensor], Scalar]
 __all__ = [
     "EmptyState",
     "GradientTransformation",
+    "Hyperparameters",
     "InPlaceUpdate",
     "OptState",
     "Params",
@@ -39,9 +45,12 @@ __all__ = [
     "apply_in_place",
     "apply_updates",
     "chain",
+    "check_real",
     "identity",
+    "present",
     "stateless",
     "tree_map",
+    "tree_update",
     "zeros_like_tree",
 ]
 
@@ -56,14 +65,38 @@ class UpdateFn(Protocol):
     ) -> tuple[Updates, OptState]: ...
 
 
+class Hyperparameters(NamedTuple):
+    """How a transform was built: ``factory(**kwargs)`` builds it again.
+
+    The public optimizers and directions (:mod:`optimizers.alias`) and the learned optimizers' ``optimizer()``
+    record it, so that ``as_torch_optimizer`` can rebuild them with a param group's options (``betas``,
+    ``weight_decay``, ...) and a pickled optimizer can be rebuilt from a module-level factory.
+    """
+
+    factory: Callable[..., GradientTransformation]
+    kwargs: dict[str, Any]
+
+
 class GradientTransformation(NamedTuple):
     """A functional optimizer (or a piece of one): ``init`` builds the state, ``update`` maps gradients to updates.
 
     The updates are *added* to the parameters (:func:`apply_updates`), so a descent step carries its minus sign.
+    ``hyperparams`` says how to build it again (``None`` for a hand-made chain); with it the transform pickles
+    as its factory and arguments.
     """
 
     init: InitFn
     update: UpdateFn
+    hyperparams: Hyperparameters | None = None
+
+    def __reduce__(self) -> tuple:
+        if self.hyperparams is None:
+            return (GradientTransformation, tuple(self))
+        return (_rebuild, tuple(self.hyperparams))
+
+
+def _rebuild(factory: Callable[..., GradientTransformation], kwargs: dict[str, Any]) -> GradientTransformation:
+    return factory(**kwargs)
 
 
 class EmptyState(NamedTuple):
@@ -71,13 +104,18 @@ class EmptyState(NamedTuple):
 
 
 def tree_map(fn: Callable[..., Tensor], tree: Params, *rest: Params) -> Params:
-    """Apply ``fn`` key by key to one or more dicts with the same keys."""
-    return {k: fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
+    """Apply ``fn`` key by key to one or more dicts with the same keys; a ``None`` in ``tree`` stays ``None``."""
+    return {k: None if v is None else fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
+
+
+def tree_update(fn: Callable[..., Tensor], grads: Updates, state: Params, *rest: Params) -> Params:
+    """``fn(grads[k], state[k], *rest[k])`` key by key, keeping ``state[k]`` where the gradient is ``None``."""
+    return {k: s if grads[k] is None else fn(grads[k], s, *(r[k] for r in rest)) for k, s in state.items()}
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:
-    """Return ``params + updates`` key by key (out of place, so differentiable)."""
-    return {k: p + updates[k].to(p.dtype) for k, p in params.items()}
+    """Return ``params + updates`` key by key (out of place, so differentiable); a ``None`` update leaves it."""
+    return {k: p if updates[k] is None else p + updates[k].to(p.dtype) for k, p in params.items()}
 
 
 def identity() -> GradientTransformation:
@@ -127,8 +165,19 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 
 def zeros_like_tree(params: Params) -> Params:
-    """Zeros shaped like each parameter (detached from nothing: they are fresh leaves)."""
+    """Zeros shaped like each parameter (detached from nothing: they are fresh leaves); complex ones are refused."""
+    check_real(params)
     return {k: torch.zeros_like(p) for k, p in params.items()}
+
+
+def check_real(params: Params) -> None:
+    """Refuse complex parameters: the optimizers' rules are written for real tensors."""
+    for k, p in params.items():
+        if p is not None and p.is_complex():
+            raise ValueError(
+                f"parameter {k!r} is complex ({p.dtype}); functional optimizers take real tensors: pass "
+                "torch.view_as_real(p) (what torch.optim and as_torch_optimizer do with a complex parameter)"
+            )
 
 
 # --- the in-place fast path ------------------------------------------------------------------------------------------
@@ -146,7 +195,9 @@ class Workspace:
         self._views: tuple[tuple, Params] = ((), {})
 
     def like(self, tensors: Params) -> Params:
-        """A tensor shaped and typed like each of ``tensors``, none sharing memory with another; contents undefined."""
+        """A tensor shaped and typed like each of ``tensors`` (``None`` ones skipped), none sharing memory with
+        another; contents undefined."""
+        tensors = {k: t for k, t in tensors.items() if t is not None}
         layout = tuple((k, t.shape, t.dtype, t.device) for k, t in tensors.items())
         if layout == self._views[0]:
             return self._views[1]
@@ -178,7 +229,8 @@ class InPlaceUpdate:
 
     Calling it is the pure ``update(grads, state, params, *, loss) -> (updates, state)``.
     ``apply_(targets, grads, state, params, *, loss, scale, workspace) -> state`` adds ``scale[k] * updates[k]``
-    to ``targets[k]`` in place for every key of ``grads`` (foreach-style, over all of them in one call) and returns
+    to ``targets[k]`` in place for every key of ``grads`` whose gradient is not ``None`` (``targets`` and
+    ``scale`` hold those keys) (foreach-style, over all of them in one call) and returns
     the next state, which may hold the very tensors of ``state``, overwritten. It is only for a caller that owns
     the state, runs under ``torch.no_grad()`` and holds ordinary tensors (not ``torch.func`` wrappers); its
     temporaries come from ``workspace``. Up to rounding it must equal the pure update, which
@@ -209,3 +261,8 @@ def apply_in_place(
     for k, target in targets.items():
         target.add_(updates[k].to(target.dtype), alpha=scale[k])
     return state
+
+
+def present(grads: Updates) -> list[str]:
+    """The keys whose gradient is not ``None`` (the ones an update moves)."""
+    return [k for k, g in grads.items() if g is not None]

@@ -3,7 +3,9 @@
 ``module.optimizer()`` is a :class:`GradientTransformation` like any other (so ``as_torch_optimizer`` takes it);
 ``module.optimizer(meta_params)`` runs the same rule on explicitly given meta-parameters through
 ``torch.func.functional_call``, for meta-gradients with ``torch.func`` or for evolution-strategy perturbations.
-Both need ``update(grads, state, params)``; :class:`LayerwiseMixture` also needs ``loss=`` unless static.
+Both need ``update(grads, state, params)``; :class:`LayerwiseMixture` also needs ``loss=`` unless static. A
+``None`` gradient leaves its parameter and its state alone. Through ``as_torch_optimizer`` a param group's ``lr``
+multiplies the learned step (1, the default, is the rule as meta-trained); see ``docs/torch_optim.md``.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from optimizers._torch_kernels import is_plain
 from optimizers.alias import DEFAULT_BASE_LRS, DIRECTIONS
 from optimizers.base import (
     GradientTransformation,
+    Hyperparameters,
     InPlaceUpdate,
     OptState,
     Params,
     Workspace,
     apply_in_place,
-    tree_map,
+    present,
+    tree_update,
     zeros_like_tree,
 )
 
@@ -162,16 +166,21 @@ class LayerwiseMixture(nn.Module):
             return self.alpha
         return self.alpha0 + self.mlp(torch.cat([self.embedding, features.to(self.embedding.dtype)], dim=-1))
 
-    def optimizer(self, meta_params: Mapping[str, Tensor] | None = None) -> GradientTransformation:
+    def optimizer(
+        self, meta_params: Mapping[str, Tensor] | None = None, *, names: Sequence[str] | None = None
+    ) -> GradientTransformation:
         """The functional optimizer; with ``meta_params`` (from ``named_parameters``) it uses those instead.
 
+        ``names``: the parameters it steps, whole layers of this mixture (default: every layer).
+        ``as_torch_optimizer`` passes each param group's, so the layers can be spread over groups and added later.
         ``update`` is an :class:`~optimizers.base.InPlaceUpdate`, whose in-place step ``as_torch_optimizer`` uses;
         without a graph, ``update`` itself takes the same path on a copy of the state (see :meth:`_mix_`).
         """
         decays = torch.tensor(self.loss_decays, dtype=torch.float64)
+        expected = self._steps(names)
 
         def init(params: Params) -> LayerwiseMixtureState:
-            self._check_keys(params)
+            self._check_keys(params, expected)
             dtype = next(iter(params.values())).dtype
             return LayerwiseMixtureState(
                 count=torch.zeros((), dtype=torch.int64),
@@ -185,7 +194,11 @@ class LayerwiseMixture(nn.Module):
             if params is None:
                 raise ValueError("LayerwiseMixture needs params (a feature); call update(grads, state, params)")
             if loss is None and not self.static:  # the loss moving averages are features
-                raise ValueError("LayerwiseMixture needs the training loss: call update(..., loss=loss)")
+                raise ValueError(
+                    "LayerwiseMixture needs the training loss: call update(..., loss=loss); through "
+                    "as_torch_optimizer, step(loss=loss) or step(closure) with a closure that returns the loss"
+                )
+            grads = {k: grads[k] for k in present(grads)}
             like = next(iter(grads.values()))
             count = state.count + 1
             loss_ema, features = state.loss_ema, like.new_zeros(())  # a static mixture reads no features
@@ -200,13 +213,20 @@ class LayerwiseMixture(nn.Module):
 
         def update(grads, state, params=None, *, loss=None):
             count, loss_ema, alpha, step = coefficients(grads, state, params, loss)
-            if not torch.is_grad_enabled() and all(is_plain(t) for t in (step, *grads.values(), *params.values())):
-                updates, ones = zeros_like_tree(grads), dict.fromkeys(grads, 1.0)
-                directions = self._mix_(updates, grads, _clone(state.directions), params, loss, step, ones,
-                                        self._workspace)
-                return updates, LayerwiseMixtureState(count, loss_ema, directions, alpha)
+            moving = present(grads)
+            if not torch.is_grad_enabled() and all(
+                is_plain(t) for t in (step, *(grads[k] for k in moving), *params.values())
+            ):
+                updates = {k: torch.zeros_like(grads[k]) for k in moving}
+                directions = self._mix_(updates, grads, _clone(state.directions), params, loss, step,
+                                        dict.fromkeys(moving, 1.0), self._workspace)
+                return {k: updates.get(k) for k in grads}, LayerwiseMixtureState(count, loss_ema, directions, alpha)
             outs = [d.update(grads, s, params, loss=loss) for d, s in zip(self._directions, state.directions)]
-            updates = {k: sum(step[self._layer_of[k], b] * out[0][k] for b, out in enumerate(outs)) for k in grads}
+            updates = {
+                k: None if grads[k] is None
+                else sum(step[self._layer_of[k], b] * out[0][k] for b, out in enumerate(outs))
+                for k in grads
+            }
             new_state = LayerwiseMixtureState(count, loss_ema, tuple(out[1] for out in outs), alpha.detach())
             return updates, new_state
 
@@ -216,7 +236,10 @@ class LayerwiseMixture(nn.Module):
                 directions = self._mix_(targets, grads, state.directions, params, loss, step, scale, workspace)
             return LayerwiseMixtureState(count, loss_ema, directions, alpha)
 
-        return GradientTransformation(init, InPlaceUpdate(update, apply_))
+        return GradientTransformation(
+            init, InPlaceUpdate(update, apply_), Hyperparameters(self.optimizer, {"meta_params": meta_params,
+                                                                                  "names": names})
+        )
 
     def _features(self, grads: Params, params: Params, count: Tensor, ema_hat: Tensor) -> Tensor:
         """[layers, num_features]: t/T, symlog loss EMAs, log gradient norm, log weight norm of each layer."""
@@ -243,7 +266,7 @@ class LayerwiseMixture(nn.Module):
         its state tensors in place; a direction without one adds its pure update.
         """
         rows = step.tolist()  # [layers][directions], Python floats
-        layer_rows = {k: rows[self._layer_of[k]] for k in grads}
+        layer_rows = {k: rows[self._layer_of[k]] for k in present(grads)}
         return tuple(
             apply_in_place(
                 direction, targets, grads, inner, params, loss=loss,
@@ -252,9 +275,28 @@ class LayerwiseMixture(nn.Module):
             for b, (direction, inner) in enumerate(zip(self._directions, states))
         )
 
-    def _check_keys(self, params: Params) -> None:
-        if set(params) != set(self._layer_of):
-            missing, extra = sorted(set(self._layer_of) - set(params)), sorted(set(params) - set(self._layer_of))
+    def _steps(self, names: Sequence[str] | None) -> set[str]:
+        """The parameter names an optimizer for ``names`` steps; whole layers this mixture has coefficients for."""
+        if names is None:
+            return set(self._layer_of)
+        unknown = sorted(set(names) - set(self._layer_of))
+        if unknown:
+            raise ValueError(
+                f"LayerwiseMixture has no coefficients for parameters {unknown!r} (its layers: {self.layer_names!r}); "
+                "build it with layers that include them (layers=list(model_params), or pass named_parameters())"
+            )
+        layers = {self._layer_of[k] for k in names}
+        split = sorted(k for k, layer in self._layer_of.items() if layer in layers and k not in set(names))
+        if split:
+            raise ValueError(
+                f"names {sorted(names)!r} split a layer of this LayerwiseMixture: also give {split!r} "
+                "(the parameters of one layer share its coefficients and norms, so they are stepped together)"
+            )
+        return set(names)
+
+    def _check_keys(self, params: Params, expected: set[str]) -> None:
+        if set(params) != expected:
+            missing, extra = sorted(expected - set(params)), sorted(set(params) - expected)
             raise ValueError(
                 f"parameter names do not match the layers this LayerwiseMixture was built for: missing {missing!r}, "
                 f"unexpected {extra!r}; build it with layers=list(model_params) (or pass named_parameters())"
@@ -285,7 +327,7 @@ def _sum_of_squares(tensor: Tensor) -> Tensor:
 class PerParameterMLPState(NamedTuple):
     """State of :meth:`PerParameterMLP.optimizer`."""
 
-    count: Tensor  # int64 [], updates done so far
+    count: Params  # int64 [] per parameter, its updates so far
     momenta: tuple  # one Params per decay in ``momentum_decays``: EMAs of gradients, like params
     nu: Params  # EMA of squared gradients (decay ``rms_decay``), like params
 
@@ -335,7 +377,7 @@ class PerParameterMLP(nn.Module):
 
         def init(params: Params) -> PerParameterMLPState:
             return PerParameterMLPState(
-                count=torch.zeros((), dtype=torch.int64),
+                count={k: torch.zeros((), dtype=torch.int64) for k in params},
                 momenta=tuple(zeros_like_tree(params) for _ in self.momentum_decays),
                 nu=zeros_like_tree(params),
             )
@@ -344,22 +386,23 @@ class PerParameterMLP(nn.Module):
             del loss
             if params is None:
                 raise ValueError("PerParameterMLP needs params (a feature); call update(grads, state, params)")
-            count = state.count + 1
+            count = tree_update(lambda g, c: c + 1, grads, state.count)
             momenta = tuple(
-                tree_map(lambda g, m, d=d: d * m + (1.0 - d) * g, grads, ms)
+                tree_update(lambda g, m, d=d: d * m + (1.0 - d) * g, grads, ms)
                 for d, ms in zip(self.momentum_decays, state.momenta)
             )
-            nu = tree_map(lambda g, v: self.rms_decay * v + (1.0 - self.rms_decay) * g * g, grads, state.nu)
+            nu = tree_update(lambda g, v: self.rms_decay * v + (1.0 - self.rms_decay) * g * g, grads, state.nu)
 
             def step(k: str) -> Tensor:
                 g = grads[k]
-                correction = 1.0 - self.rms_decay ** count.to(g.dtype)
+                correction = 1.0 - self.rms_decay ** count[k].to(g.dtype)
                 normalised = g * torch.rsqrt(nu[k] / correction + 1e-12)
                 features = torch.stack([g, params[k], *(m[k] for m in momenta), normalised], dim=-1)
                 features = features * torch.rsqrt((features * features).reshape(-1, self.num_features).mean(0) + 1e-12)
                 dtype = next(self.parameters()).dtype if meta_params is None else next(iter(meta_params.values())).dtype
                 return -_call(self, meta_params, features.to(dtype)).to(g.dtype)
 
-            return {k: step(k) for k in grads}, PerParameterMLPState(count, momenta, nu)
+            updates = {k: None if grads[k] is None else step(k) for k in grads}
+            return updates, PerParameterMLPState(count, momenta, nu)
 
-        return GradientTransformation(init, update)
+        return GradientTransformation(init, update, Hyperparameters(self.optimizer, {"meta_params": meta_params}))

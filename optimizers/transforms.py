@@ -3,7 +3,8 @@
 Each ``scale_by_*`` returns an update *direction* (to be subtracted); :func:`scale_by_learning_rate` ends a
 chain with the minus sign and the step size. Every stateful transform keeps its state in the named tuple right
 above its factory; dict-valued fields have one tensor per parameter, shaped and typed like it, and ``count``
-fields are int64 scalars counting the updates done so far. No operation of an ``update`` is in place.
+fields hold one int64 scalar per parameter counting the updates of that parameter so far (a parameter whose
+gradient is ``None`` is not updated, as in ``torch.optim``). No operation of an ``update`` is in place.
 
 Each direction also carries its in-place kernel ``apply_`` (:class:`~optimizers.base.InPlaceUpdate`), written
 right after its ``update``: the same rule for a caller that keeps no graph, advancing the state tensors in place
@@ -27,11 +28,15 @@ from optimizers.base import (
     InPlaceFn,
     InPlaceUpdate,
     Params,
+    apply_in_place,
     Scalar,
     Schedule,
+    check_real,
     identity,
+    present,
     stateless,
     tree_map,
+    tree_update,
     zeros_like_tree,
 )
 
@@ -43,6 +48,7 @@ __all__ = [
     "ScaleByScheduleState",
     "TraceState",
     "add_decayed_weights",
+    "maximize",
     "maybe",
     "scale",
     "scale_by_adam",
@@ -56,8 +62,25 @@ __all__ = [
 ]
 
 
-def _count() -> Tensor:
-    return torch.zeros((), dtype=torch.int64)
+def _counts(params: Params) -> Params:
+    return {k: torch.zeros((), dtype=torch.int64) for k in params}
+
+
+def _advance(grads: Params, counts: Params) -> Params:
+    """Each parameter's count plus one, where it has a gradient."""
+    return tree_update(lambda g, c: c + 1, grads, counts)
+
+
+def _sqrt(value: Tensor) -> Tensor:
+    """``sqrt(value)``; under autograd its gradient at 0 is 0 rather than inf.
+
+    Where a gradient entry is exactly 0 the second moment is 0, and ``d sqrt(v)/dv = inf`` times ``dv/dg = 0``
+    would make a meta-gradient NaN (MAML through Adam with ``eps_root = 0``). The value is the same to the bit.
+    """
+    if not torch.is_grad_enabled():
+        return torch.sqrt(value)
+    zero = value == 0
+    return torch.where(zero, 0.0, torch.sqrt(torch.where(zero, 1.0, value)))
 
 
 def _bias_correction(decay: Scalar, count: Tensor, like: Tensor) -> Tensor:
@@ -66,8 +89,9 @@ def _bias_correction(decay: Scalar, count: Tensor, like: Tensor) -> Tensor:
 
 
 def _columns(grads: Params, *trees: Mapping) -> list[list]:
-    """Each tree's values in the key order of ``grads``: the lists a foreach kernel takes."""
-    return [[tree[k] for k in grads] for tree in trees]
+    """Each tree's values for the keys of ``grads`` that have a gradient, in order: the lists a foreach kernel takes."""
+    keys = present(grads)
+    return [[tree[k] for k in keys] for tree in trees]
 
 
 def _with_kernel(init, update, apply_: InPlaceFn, *hyperparameters: Scalar) -> GradientTransformation:
@@ -91,23 +115,21 @@ def scale(factor: Scalar) -> GradientTransformation:
 class ScaleByScheduleState(NamedTuple):
     """State of :func:`scale_by_schedule`."""
 
-    count: Tensor  # int64 [], updates done so far (the schedule's argument)
+    count: Params  # int64 [] per parameter, its updates so far (the schedule's argument)
 
 
 def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
-    """Multiply the updates by ``schedule(count)``, ``count`` being the number of earlier updates."""
+    """Multiply each parameter's update by ``schedule(count)``, ``count`` being the number of its earlier updates."""
     if not callable(schedule):
         raise ValueError(f"schedule must be callable count -> value; got {schedule!r}")
 
     def init(params: Params) -> ScaleByScheduleState:
-        del params
-        return ScaleByScheduleState(count=_count())
+        return ScaleByScheduleState(count=_counts(params))
 
     def update(grads, state, params=None, *, loss=None):
         del params, loss
-        factor = schedule(state.count)
-        updates = tree_map(lambda g: (factor * g).to(g.dtype), grads)
-        return updates, ScaleByScheduleState(count=state.count + 1)
+        updates = tree_map(lambda g, c: (schedule(c) * g).to(g.dtype), grads, state.count)
+        return updates, ScaleByScheduleState(count=_advance(grads, state.count))
 
     return GradientTransformation(init, update)
 
@@ -137,23 +159,38 @@ class TraceState(NamedTuple):
     """State of :func:`trace`."""
 
     trace: Params  # momentum buffer b_t, like params
+    count: Params  # with dampening: int64 [] per parameter, its updates so far; empty dict otherwise
 
 
-def trace(decay: Scalar, *, nesterov: bool = False) -> GradientTransformation:
-    """Heavy-ball momentum (Polyak 1964) as in ``torch.optim.SGD``: ``b_t = decay * b_{t-1} + g_t``.
+def trace(decay: Scalar, *, nesterov: bool = False, dampening: Scalar = 0.0) -> GradientTransformation:
+    """Heavy-ball momentum (Polyak 1964) as in ``torch.optim.SGD``: ``b_t = decay * b_{t-1} + (1 - dampening) g_t``.
 
-    The direction is ``b_t``, or ``g_t + decay * b_t`` with ``nesterov=True`` (Sutskever et al. 2013).
+    The first step sets ``b_1 = g_1`` (undamped, as torch). The direction is ``b_t``, or ``g_t + decay * b_t``
+    with ``nesterov=True`` (Sutskever et al. 2013), which needs ``dampening = 0``.
     """
     check_hyperparameter("momentum", decay, low=0.0, high=1.0)
+    check_hyperparameter("dampening", dampening, low=0.0, high=1.0, high_inclusive=True)
+    damped = not isinstance(dampening, float | int) or dampening != 0
+    if nesterov and damped:
+        raise ValueError(f"nesterov=True needs dampening=0 (as torch.optim.SGD); got dampening={dampening!r}")
 
     def init(params: Params) -> TraceState:
-        return TraceState(trace=zeros_like_tree(params))
+        return TraceState(trace=zeros_like_tree(params), count=_counts(params) if damped else {})
+
+    def step(g: Tensor, b: Tensor, count: Tensor) -> Tensor:
+        return torch.where(count == 0, g, decay * b + (1.0 - dampening) * g)
 
     def update(grads, state, params=None, *, loss=None):
         del params, loss
-        new_trace = tree_map(lambda g, b: decay * b + g, grads, state.trace)
-        updates = tree_map(lambda g, b: g + decay * b, grads, new_trace) if nesterov else new_trace
-        return updates, TraceState(trace=new_trace)
+        if damped:
+            new_trace = tree_update(step, grads, state.trace, state.count)
+        else:
+            new_trace = tree_update(lambda g, b: decay * b + g, grads, state.trace)
+        if nesterov:
+            updates = tree_map(lambda g, b: g + decay * b, grads, new_trace)
+        else:
+            updates = tree_map(lambda g, b: b, grads, new_trace)
+        return updates, TraceState(trace=new_trace, count=_advance(grads, state.count) if damped else {})
 
     def apply_(targets, grads, state, params=None, *, loss=None, scale, workspace):
         del params, loss, workspace
@@ -161,23 +198,28 @@ def trace(decay: Scalar, *, nesterov: bool = False) -> GradientTransformation:
         kernels.momentum_(t, g, b, scales=c, beta=float(decay), nesterov=nesterov)
         return state
 
+    if damped:
+        return GradientTransformation(init, update)
     return _with_kernel(init, update, apply_, decay)
 
 
 class ScaleByAdamState(NamedTuple):
     """State of :func:`scale_by_adam`."""
 
-    count: Tensor  # int64 [], updates done so far
+    count: Params  # int64 [] per parameter, its updates so far
     mu: Params  # first moment m_t (EMA of gradients), like params
     nu: Params  # second moment v_t (EMA of squared gradients), like params
+    nu_max: Params  # with amsgrad: the running maximum of v_t, like params; empty dict otherwise
 
 
 def scale_by_adam(
-    b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8, *, eps_root: Scalar = 0.0
+    b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8, *, eps_root: Scalar = 0.0, amsgrad: bool = False
 ) -> GradientTransformation:
     """Adam's direction (Kingma & Ba 2015): ``m̂_t / (sqrt(v̂_t + eps_root) + eps)`` with bias-corrected moments.
 
-    ``eps_root > 0`` keeps the meta-gradient finite where a gradient entry is exactly zero (``d sqrt(v)/dv``).
+    ``amsgrad=True`` divides by the running maximum of ``v_t`` instead (Reddi et al. 2018, as torch). The
+    meta-gradient stays finite where a gradient entry is exactly zero (see :func:`_sqrt`); ``eps_root > 0``
+    also bounds ``d sqrt(v)/dv`` near zero.
     """
     check_hyperparameter("b1", b1, low=0.0, high=1.0)
     check_hyperparameter("b2", b2, low=0.0, high=1.0)
@@ -185,32 +227,39 @@ def scale_by_adam(
     check_hyperparameter("eps_root", eps_root, low=0.0)
 
     def init(params: Params) -> ScaleByAdamState:
-        return ScaleByAdamState(count=_count(), mu=zeros_like_tree(params), nu=zeros_like_tree(params))
+        return ScaleByAdamState(count=_counts(params), mu=zeros_like_tree(params), nu=zeros_like_tree(params),
+                                nu_max=zeros_like_tree(params) if amsgrad else {})
 
     def update(grads, state, params=None, *, loss=None):
         del params, loss
-        count = state.count + 1
-        mu = tree_map(lambda g, m: _ema(m, g, b1), grads, state.mu)
-        nu = tree_map(lambda g, v: _ema(v, g * g, b2), grads, state.nu)
+        count = _advance(grads, state.count)
+        mu = tree_update(lambda g, m: _ema(m, g, b1), grads, state.mu)
+        nu = tree_update(lambda g, v: _ema(v, g * g, b2), grads, state.nu)
+        nu_max = tree_update(lambda g, top, v: torch.maximum(top, v), grads, state.nu_max, nu) if amsgrad else {}
+        second = nu_max if amsgrad else nu
 
-        def direction(m: Tensor, v: Tensor) -> Tensor:
-            correction2 = _bias_correction(b2, count, v)
+        def direction(g: Tensor, m: Tensor, v: Tensor, c: Tensor) -> Tensor:
+            correction2 = _bias_correction(b2, c, v)
             if isinstance(eps_root, Tensor) or eps_root != 0:
-                denom = torch.sqrt(v / correction2 + eps_root) + eps
+                denom = _sqrt(v / correction2 + eps_root) + eps
             else:  # fewer passes over memory, and torch's exact expression
-                denom = torch.sqrt(v) / torch.sqrt(correction2) + eps
-            return m / denom / _bias_correction(b1, count, m)
+                denom = _sqrt(v) / torch.sqrt(correction2) + eps
+            return m / denom / _bias_correction(b1, c, m)
 
-        return tree_map(direction, mu, nu), ScaleByAdamState(count=count, mu=mu, nu=nu)
+        updates = tree_map(direction, grads, mu, second, count)
+        return updates, ScaleByAdamState(count=count, mu=mu, nu=nu, nu_max=nu_max)
 
     def apply_(targets, grads, state, params=None, *, loss=None, scale, workspace):
         del params, loss
-        count = state.count + 1
-        t, g, m, v, tmp, c = _columns(grads, targets, grads, state.mu, state.nu, workspace.like(grads), scale)
-        kernels.adam_(t, g, m, v, tmp, scales=c, count=int(count), b1=float(b1), b2=float(b2), eps=float(eps),
-                      eps_root=float(eps_root))
-        return ScaleByAdamState(count=count, mu=state.mu, nu=state.nu)
+        t, g, m, v, tmp, c, n = _columns(grads, targets, grads, state.mu, state.nu, workspace.like(grads), scale,
+                                         state.count)
+        torch._foreach_add_(n, 1)
+        kernels.adam_(t, g, m, v, tmp, scales=c, count=[int(k) for k in n], b1=float(b1), b2=float(b2),
+                      eps=float(eps), eps_root=float(eps_root))
+        return state
 
+    if amsgrad:
+        return GradientTransformation(init, update)
     return _with_kernel(init, update, apply_, b1, b2, eps, eps_root)
 
 
@@ -238,10 +287,14 @@ def scale_by_rms(
 
     def update(grads, state, params=None, *, loss=None):
         del params, loss
-        nu = tree_map(lambda g, v: _ema(v, g * g, decay), grads, state.nu)
-        mu = tree_map(lambda g, m: _ema(m, g, decay), grads, state.mu) if centered else {}
-        variance = tree_map(lambda v, m: v - m * m, nu, mu) if centered else nu
-        updates = tree_map(lambda g, v: g / (torch.sqrt(v + eps_root) + eps), grads, variance)
+        nu = tree_update(lambda g, v: _ema(v, g * g, decay), grads, state.nu)
+        mu = tree_update(lambda g, m: _ema(m, g, decay), grads, state.mu) if centered else {}
+
+        def direction(g: Tensor, v: Tensor, k: str) -> Tensor:
+            variance = v - mu[k] * mu[k] if centered else v
+            return g / (_sqrt(variance + eps_root) + eps)
+
+        updates = {k: None if g is None else direction(g, nu[k], k) for k, g in grads.items()}
         return updates, ScaleByRmsState(nu=nu, mu=mu)
 
     def apply_(targets, grads, state, params=None, *, loss=None, scale, workspace):
@@ -273,12 +326,13 @@ def scale_by_rss(eps: Scalar = 1e-10, *, initial_accumulator_value: Scalar = 0.0
     check_hyperparameter("initial_accumulator_value", initial_accumulator_value, low=0.0)
 
     def init(params: Params) -> ScaleByRssState:
+        check_real(params)
         return ScaleByRssState(sum_of_squares=tree_map(lambda p: torch.full_like(p, initial_accumulator_value), params))
 
     def update(grads, state, params=None, *, loss=None):
         del params, loss
-        sos = tree_map(lambda g, s: s + g * g, grads, state.sum_of_squares)
-        updates = tree_map(lambda g, s: g / (torch.sqrt(s) + eps), grads, sos)
+        sos = tree_update(lambda g, s: s + g * g, grads, state.sum_of_squares)
+        updates = tree_map(lambda g, s: g / (_sqrt(s) + eps), grads, sos)
         return updates, ScaleByRssState(sum_of_squares=sos)
 
     def apply_(targets, grads, state, params=None, *, loss=None, scale, workspace):
@@ -300,7 +354,12 @@ def scale_by_sign() -> GradientTransformation:
             target.add_(torch.sign(g, out=tmp), alpha=c)
         return state
 
-    return stateless(lambda updates, params: tree_map(torch.sign, updates), apply_=apply_)
+    def sign(updates, params):
+        del params
+        check_real(updates)
+        return tree_map(torch.sign, updates)
+
+    return stateless(sign, apply_=apply_)
 
 
 class ScaleByLionState(NamedTuple):
@@ -323,7 +382,7 @@ def scale_by_lion(b1: Scalar = 0.9, b2: Scalar = 0.99) -> GradientTransformation
     def update(grads, state, params=None, *, loss=None):
         del params, loss
         updates = tree_map(lambda g, m: torch.sign(_ema(m, g, b1)), grads, state.mu)
-        mu = tree_map(lambda g, m: _ema(m, g, b2), grads, state.mu)
+        mu = tree_update(lambda g, m: _ema(m, g, b2), grads, state.mu)
         return updates, ScaleByLionState(mu=mu)
 
     def apply_(targets, grads, state, params=None, *, loss=None, scale, workspace):
@@ -334,6 +393,28 @@ def scale_by_lion(b1: Scalar = 0.9, b2: Scalar = 0.99) -> GradientTransformation
         return state
 
     return _with_kernel(init, update, apply_, b1, b2)
+
+
+def maximize(transform: GradientTransformation) -> GradientTransformation:
+    """Ascend instead of descend: ``transform`` run on ``-g`` (``torch.optim``'s ``maximize=True``).
+
+    The loss a learned optimizer reads is negated too, so it sees the objective it minimises.
+    """
+
+    def negated(grads: Params) -> Params:
+        return tree_map(torch.neg, grads)
+
+    def update(grads, state, params=None, *, loss=None):
+        return transform.update(negated(grads), state, params, loss=None if loss is None else -loss)
+
+    def apply_(targets, grads, state, params=None, *, loss=None, scale, workspace):
+        flipped = dict(zip(present(grads), torch._foreach_neg([grads[k] for k in present(grads)])))
+        return apply_in_place(transform, targets, {k: flipped.get(k) for k in grads}, state, params,
+                              loss=None if loss is None else -loss, scale=scale, workspace=workspace)
+
+    if isinstance(transform.update, InPlaceUpdate):
+        return GradientTransformation(transform.init, InPlaceUpdate(update, apply_))
+    return GradientTransformation(transform.init, update)
 
 
 def maybe(condition: bool, transform: Callable[[], GradientTransformation]) -> GradientTransformation:

@@ -116,7 +116,7 @@ def test_coefficients_vary_per_layer_and_step():
     assert not torch.allclose(seen[0], seen[1]) and not torch.allclose(seen[1][0], seen[1][1])
 
 
-@pytest.mark.parametrize("eps_root, finite", [(0.0, False), (1e-16, True)])
+@pytest.mark.parametrize("eps_root, finite", [(0.0, True), (1e-16, True)])  # 0: the safe sqrt's zero gradient
 def test_eps_root_keeps_the_meta_gradient_finite_at_zero_gradients(eps_root, finite):
     kwargs = {"adam": {"eps_root": eps_root}, "rmsprop": {"eps_root": eps_root}}
     mixture = _mixture(layers=["w"], direction_kwargs=kwargs)
@@ -218,7 +218,7 @@ def test_checkpointed_learned_optimizer_runs_as_torch_optimizer(name):
 def test_in_place_torch_step_follows_the_reference_rule(eps_root):
     """as_torch_optimizer's in-place step (float32) equals the directions' own update rule (float64), frozen included.
 
-    The bias receives no gradient from step 3 on: it stays put while its state advances with a zero gradient.
+    The bias receives no gradient from step 3 on: it stays put and its state stays as it was (a None gradient).
     """
     kwargs = {"adam": {"eps_root": eps_root}, "rmsprop": {"eps_root": eps_root}}
     module = _perturbed(_mixture(direction_kwargs=kwargs), 0.1)
@@ -234,14 +234,17 @@ def test_in_place_torch_step_follows_the_reference_rule(eps_root):
         grads, ref_loss = grad_and_value(_loss)(params)
         if step >= 2:
             net[2].bias.grad = None
-            grads["2.bias"] = torch.zeros_like(grads["2.bias"])
+            grads["2.bias"] = None
         optimizer.step(loss=loss)
         with torch.enable_grad():  # the graph path: each direction's own update
             updates, state = reference.update(grads, state, params, loss=ref_loss)
-        params = {k: v if (k == "2.bias" and step >= 2) else v + updates[k] for k, v in params.items()}
+        params = O.apply_updates(params, updates)
         for k, p in net.named_parameters():
             torch.testing.assert_close(p.double(), params[k], rtol=1e-4, atol=1e-5)
     assert not torch.equal(net[0].weight, _net()[0].weight.float())
+    adam = module.direction_names.index("adam")
+    assert optimizer.functional_states[0].directions[adam].count["2.bias"].item() == 2
+    assert optimizer.functional_states[0].directions[adam].count["2.weight"].item() == 6
 
 
 def test_no_grad_update_equals_the_graph_update_and_leaves_the_state_alone():
@@ -266,7 +269,8 @@ def test_per_parameter_mlp_shapes_and_state():
     lopt = O.PerParameterMLP(momentum_decays=(0.5, 0.9, 0.99, 0.999)).double()
     assert lopt(torch.randn(7, 5, lopt.num_features, dtype=torch.float64)).shape == (7, 5)
     params, state = _unroll(lopt.optimizer(), _params(), 2)
-    assert len(state.momenta) == 4 and state.momenta[3]["0.weight"].shape == (8, 4) and state.count.item() == 2
+    assert len(state.momenta) == 4 and state.momenta[3]["0.weight"].shape == (8, 4)
+    assert all(c.item() == 2 for c in state.count.values()) and state.count.keys() == _params().keys()
     assert all(params[k].shape == v.shape for k, v in _params().items())
 
 

@@ -277,8 +277,8 @@ def test_vmapped_state_carries_a_task_dimension():
     optimizer = O.adam(0.1)
     state = vmap(optimizer.init)(params)
     updates, state = vmap(optimizer.update)(params, state, params)
-    adam_state = state[0]
-    assert adam_state.count.shape == (4,) and adam_state.mu["w"].shape == (4, 3)
+    adam_state = state[1]  # after the (L2 weight decay) slot
+    assert adam_state.count["w"].shape == (4,) and adam_state.mu["w"].shape == (4, 3)
     assert updates["w"].shape == (4, 3)
 
 
@@ -345,7 +345,7 @@ def test_join_schedules_restarts_each_piece_and_is_differentiable():
 # --- the torch adapter ---------------------------------------------------------------------------------------------
 
 
-def test_param_groups_get_their_own_optimizer_and_multiplier():
+def test_param_groups_get_their_own_optimizer_and_learning_rate():
     net = _net()
     x, y = _data()
     first, second = net[0], net[2]
@@ -353,7 +353,7 @@ def test_param_groups_get_their_own_optimizer_and_multiplier():
         O.adam(0.01),
         [
             {"params": list(first.named_parameters())},
-            {"params": list(second.named_parameters()), "optimizer": O.sgd(0.1, 0.9), "lr": 0.5},
+            {"params": list(second.named_parameters()), "optimizer": O.sgd(0.1, 0.9), "lr": 0.05},  # absolute
         ],
     )
     ref_net = _net()
@@ -385,7 +385,7 @@ def test_parameters_without_gradient_stay_put_and_lr_scheduler_works():
         opt.zero_grad()
         sched.step()
     torch.testing.assert_close(net[0].weight.detach(), frozen, rtol=0, atol=0)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.125)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.125)  # the absolute rate, halved three times
 
 
 def test_closure_loss_reaches_the_update():
@@ -411,12 +411,15 @@ def test_closure_loss_reaches_the_update():
 def test_load_state_dict_refuses_a_mismatched_state():
     net = _net()
     adam_sd = O.as_torch_optimizer(O.adam(0.1), net.named_parameters()).state_dict()
-    with pytest.raises(ValueError, match="functional state has"):
+    with pytest.raises(ValueError, match="'eps' is not an option of sgd"):
         O.as_torch_optimizer(O.sgd(0.1, 0.9), net.named_parameters()).load_state_dict(adam_sd)
-    with pytest.raises(ValueError, match="functional_state"):
+    with pytest.raises(ValueError, match="'decoupled_weight_decay' is not an option of adam"):
         O.as_torch_optimizer(O.adam(0.1), net.named_parameters()).load_state_dict(
             torch.optim.Adam(net.parameters()).state_dict()
         )
+    adam_sd["state"][0] = {"exp_avg": adam_sd["state"][0]["mu"]}  # entries named as torch.optim.Adam's
+    with pytest.raises(ValueError, match=r"parameter 0 \('0.weight'\) has entries \['exp_avg'\]"):
+        O.as_torch_optimizer(O.adam(0.1), net.named_parameters()).load_state_dict(adam_sd)
 
 
 # --- validation -----------------------------------------------------------------------------------------------------
@@ -452,5 +455,5 @@ def test_invalid_hyperparameters_are_refused(build, message):
 
 
 def test_chain_refuses_a_foreign_state():
-    with pytest.raises(ValueError, match="chain state has 1 entries; expected 2"):
+    with pytest.raises(ValueError, match="chain state has 1 entries; expected 3"):
         O.adam(0.1).update({"w": torch.ones(1)}, ((),), {"w": torch.ones(1)})

@@ -17,7 +17,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, get_args
+from typing import Any, Literal, Mapping, Optional, Sequence, get_args
 
 from metaopt import distributed
 
@@ -36,6 +36,7 @@ class WandbSettings:
     project: str = "metaopt"
     entity: Optional[str] = None
     tags: list[str] = field(default_factory=list)
+    group: Optional[str] = None  # W&B's run group (a sweep sets its id; None: the recipe's name)
 
 
 def _jsonable(value: Any) -> Any:
@@ -75,6 +76,8 @@ class Run:
         wandb_mode: ``online``, ``offline`` (default) or ``disabled``.
         project, entity, tags: W&B run fields.
         path: an existing run folder to continue (resume) instead of making a new one.
+        group, job_type: W&B's run group (runs that differ only in their seed share one, so the UI shows
+            their band) and job type (``train``, ``compare``).
 
     Under torchrun every rank makes its ``Run`` at the same point: rank 0 names the folder and the others
     receive its path; only rank 0 writes (``writes``).
@@ -82,10 +85,10 @@ class Run:
 
     @classmethod
     def open(cls, name: str, config: Mapping[str, Any], wandb: WandbSettings, *, root: str | os.PathLike = "runs",
-             path: str | os.PathLike | None = None) -> "Run":
-        """A run with a recipe's W&B settings."""
+             path: str | os.PathLike | None = None, job_type: str | None = None) -> "Run":
+        """A run with a recipe's W&B settings (W&B group: ``wandb.group``, else the run's name)."""
         return cls(name, config, root=root, wandb_mode=wandb.mode, project=wandb.project, entity=wandb.entity,
-                   tags=list(wandb.tags), path=path)
+                   tags=list(wandb.tags), path=path, group=getattr(wandb, "group", None) or name, job_type=job_type)
 
     def __init__(
         self,
@@ -98,6 +101,8 @@ class Run:
         entity: str | None = None,
         tags: list[str] | None = None,
         path: str | os.PathLike | None = None,
+        group: str | None = None,
+        job_type: str | None = None,
     ) -> None:
         if wandb_mode not in WANDB_MODES:
             raise ValueError(f"wandb mode must be one of {WANDB_MODES}; got {wandb_mode!r}")
@@ -109,6 +114,7 @@ class Run:
         self.writes = distributed.is_main()
         self._wandb = None
         self._wandb_failed = False
+        self._group, self._job_type = group, job_type
         if not self.writes:
             return
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -137,6 +143,8 @@ class Run:
                 id=self._wandb_id(),
                 resume="allow",
                 tags=tags,
+                group=self._group,
+                job_type=self._job_type,
                 config=_jsonable(self.config),
                 dir=str(self.path),
                 mode=mode,
@@ -150,7 +158,9 @@ class Run:
         id_file = self.path / "wandb_id.txt"
         if id_file.exists():
             return id_file.read_text().strip()
-        run_id = secrets.token_hex(4)
+        # started by `wandb agent`: keep the id the agent gave, so the run counts for its sweep
+        run_id = os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
+        run_id = run_id or secrets.token_hex(4)
         id_file.write_text(run_id)
         return run_id
 
@@ -225,6 +235,57 @@ class Run:
             return target
         target.write_text(json.dumps(_jsonable(payload), indent=2))
         return target
+
+    # ------------------------------------------------------------------ W&B-native views, guarded
+    def define_metric(self, pattern: str, *, step_metric: str) -> None:
+        """Plot the W&B metrics matching ``pattern`` (a glob, e.g. ``transformer/*``) against ``step_metric``.
+
+        Each learner's training curves get their own step axis, and ``compare/*`` the support size k.
+        """
+        if self._wandb is None:
+            return
+
+        def define():
+            self._wandb.define_metric(step_metric, hidden=True)
+            self._wandb.define_metric(pattern, step_metric=step_metric)
+
+        self._guard("define_metric", define)
+
+    def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *,
+                  line: tuple[str, str, str] | None = None, title: str = "") -> None:
+        """Log ``rows`` as a ``wandb.Table`` under ``key``; ``line=(x, y, stroke)`` adds a line chart of it
+        under ``<key>_chart`` (one line per value of the ``stroke`` column)."""
+        if self._wandb is None:
+            return
+
+        def upload():
+            import wandb
+
+            table = wandb.Table(columns=list(columns), data=[list(row) for row in _jsonable(rows)])
+            logged = {key: table}
+            if line is not None:
+                x, y, stroke = line
+                logged[f"{key}_chart"] = wandb.plot.line(table, x, y, stroke=stroke, title=title or key)
+            self._wandb.log(logged)
+
+        self._guard("table upload", upload)
+
+    def log_artifact(self, name: str, kind: str, files: Mapping[str, str | os.PathLike], *,
+                     metadata: Mapping[str, Any] | None = None, description: str = "") -> None:
+        """Log files of the run folder as a W&B Artifact of type ``kind`` (``files``: name in the artifact ->
+        local path); offline, the manifest is written to the W&B run folder and uploaded by ``wandb sync``."""
+        if self._wandb is None:
+            return
+
+        def upload():
+            import wandb
+
+            artifact = wandb.Artifact(name, type=kind, description=description, metadata=_jsonable(metadata or {}))
+            for target, source in files.items():
+                artifact.add_file(str(source), name=target, policy="immutable")  # no staging copy
+            self._wandb.log_artifact(artifact)
+
+        self._guard("artifact upload", upload)
 
     def finish(self) -> None:
         """Close the W&B run (flushes an offline run to its folder)."""

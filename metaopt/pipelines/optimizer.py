@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import optimizers as O
+from metaopt import wandb_native
 from metaopt.checks import positive_float, positive_int, sequence_of
 from metaopt.config import (
     CommonSettings, ConfigError, build_instance, check_spec, import_target, instantiate, plain, settings,
@@ -432,6 +433,7 @@ def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False,
         "curves": {env: {name: c.tolist() for name, c in by.items()} for env, by in curves.items()},
     }
     run.save_json(results, "results")
+    wandb_native.log_optimizers(run, meta_results)
     run.summary({f"{env}/{h}/{name}/steps_to_reference_final": r["steps_to_reference_final"]
                  for env, by_h in evaluation.items() for h, rows in by_h.items()
                  for name, r in rows["optimizers"].items()})

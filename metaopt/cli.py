@@ -21,6 +21,8 @@ EPILOG = """examples:
   metaopt resume runs/quickstart/20261123-101500-000000
   metaopt compare runs/quickstart/20261123-101500-000000 compare.num_tasks=4000
   metaopt bench compare                            time a hot path against its reference
+  metaopt sweep quickstart train.lr=3e-4,1e-3 seed=0,1     4 runs, then the mean over seeds per learner and k
+  metaopt report runs/quickstart/sweep-1a2b3c4d runs/quickstart/20261123-101500-000000   side by side
 
 from Python:  metaopt.run("quickstart", ["train.steps=200"]) returns the results
 """
@@ -87,7 +89,52 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from metaopt.wandb_native import fetch_artifact, is_artifact_reference
+
+    if is_artifact_reference(args.run_dir):  # a `model` artifact of a run is a run folder once downloaded
+        args.run_dir = str(fetch_artifact(args.run_dir))
     return _run(args, train=False)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from metaopt.sweep import SweepPlan, run_sweep, write_wandb_config
+
+    plan = SweepPlan.make(args.recipe, args.overrides, sweep_id=args.id)
+    print(f"sweep {plan.sweep_id}: {len(plan.points)} points of {args.recipe} in {plan.folder}")
+    if args.wandb:
+        from metaopt.pipelines import load
+
+        path = write_wandb_config(plan, method=args.method, metric=args.metric)
+        wandb = load(plan.recipe, plan.fixed).wandb
+        where = f" --entity {wandb.entity}" if wandb.entity else ""
+        print(f"W&B sweep configuration: {path}\n  wandb sweep --project {wandb.project}{where} {path}\n"
+              f"  wandb agent {wandb.entity or '<entity>'}/{wandb.project}/<SWEEP_ID printed by wandb sweep>"
+              "      (on every machine that should take runs)")
+        return 0
+    try:
+        statuses = run_sweep(plan, workers=args.workers)
+    except KeyboardInterrupt:
+        print("metaopt: sweep interrupted; run the same `metaopt sweep` command again to continue (finished "
+              "points are skipped, unfinished ones resume)", file=sys.stderr)
+        return 130
+    from metaopt.aggregate import summarise
+
+    for path, status in statuses.items():
+        print(f"  {status.split(':')[0]:<9} {path}")
+    _, written = summarise(plan.folder)
+    print("\n" + written["table"].read_text())
+    print("\n".join(f"{what + ':':<7}{path}" for what, path in written.items()))
+    print(f"next:  metaopt report {plan.folder}")
+    return 1 if any(s.startswith("failed") for s in statuses.values()) else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from metaopt.report import make_report
+
+    report = make_report(args.folders, out=args.out)
+    print(report.markdown)
+    print("\n".join(f"{what}: {path}" for what, path in report.files.items()))
+    return 0
 
 
 def _summary(description: str, width: int = 100) -> str:
@@ -166,6 +213,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "sweep", help="run a grid of overrides (one run per point), then aggregate over seeds",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run every combination of the values given, each point an ordinary run in\n"
+                    "runs/<name>/<sweep-id>/<point>/, then group the points that differ only in seed: per learner\n"
+                    "and k the mean over seeds with a 95% bootstrap interval across seeds, and the claims on that\n"
+                    "mean (with how many seeds hold them), in sweep.json, sweep.md and figures/.\n"
+                    "Started again, the same command skips finished points and resumes unfinished ones.",
+        epilog="values:  key=a,b,c   key=range(0,5)  (0..4; range(start,stop,step))   key=choice(a,b)\n"
+               "         key=[1,2]  (one list value)   key=x  (every point)\n"
+               "examples:\n"
+               "  metaopt sweep quickstart train.lr=3e-4,1e-3 seed=0,1 train.steps=300 compare.num_tasks=200\n"
+               "  metaopt sweep quickstart seed=range(0,5) --workers 2\n"
+               "  metaopt sweep quickstart train.lr=3e-4,1e-3 seed=0,1 --wandb --method grid\n"
+               "scale-out: --wandb writes a W&B sweep configuration; `wandb agent` on each machine runs the points")
+    p.add_argument("recipe", help="recipe name (see `metaopt recipes`) or path to a YAML file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUES", help="swept keys (key=a,b,c) and fixed overrides")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="run the points on N local processes, each taking every N-th point (default 1: one "
+                        "after the other in this process)")
+    p.add_argument("--id", default=None, help="the sweep's folder name (default: sweep-<hash of recipe and "
+                                              "arguments>, so the same command continues the same sweep)")
+    p.add_argument("--wandb", action="store_true",
+                   help="write a W&B sweep configuration (wandb_sweep.yaml) and print the `wandb sweep` / "
+                        "`wandb agent` commands instead of running the points here")
+    p.add_argument("--method", default="grid", choices=["grid", "random", "bayes"], help="W&B search method")
+    p.add_argument("--metric", default=None,
+                   help="W&B summary key to optimise (default: compare/<first claim's learner>/<metric>@k=<largest k>)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "report", help="put runs and sweeps side by side (markdown + CSV table, one plot per metric)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compare the results of run folders, re-comparisons (RUN/compare/<time>/), sweep folders\n"
+                    "(their groups, mean over seeds) or folders holding them, from local files only: one table\n"
+                    "(report.md, report.csv) and one plot per metric, learners labelled by run, each run named\n"
+                    "by the config keys in which the runs differ.",
+        epilog="example:  metaopt report runs/quickstart/sweep-1a2b3c4d runs/quickstart/20261123-101500-000000")
+    p.add_argument("folders", nargs="+", help="run, compare, or sweep folders (or folders holding them)")
+    p.add_argument("--out", default=None, help="where to write the report (default: FOLDER/report for one folder, "
+                                               "runs/reports/<time> for several)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -179,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "nproc", 1) < 1:
         parser.error(f"--nproc must be >= 1; got {args.nproc}")
+    if getattr(args, "workers", 1) < 1:
+        parser.error(f"--workers must be >= 1; got {args.workers}")
     level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level if _rank() == 0 else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Sequence
 
+from metaopt.checkpoints import UnsafeCheckpointError, WriteError
 from metaopt.config import RECIPE_DIR, ConfigError, recipes
 
 logger = logging.getLogger("metaopt")
@@ -279,6 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"metaopt: error: {error}", file=sys.stderr)
         return 2
+    except (UnsafeCheckpointError, WriteError) as error:  # a refused file; a full disk (earlier checkpoints intact)
+        hint = "" if isinstance(error, UnsafeCheckpointError) else (
+            "; the checkpoints written before are intact: free some space, then `metaopt resume RUN_DIR`")
+        print(f"metaopt: error: {error}{hint}", file=sys.stderr)
+        return 2 if isinstance(error, UnsafeCheckpointError) else 1
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
         sys.stdout = open(os.devnull, "w")
         return 0

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Sequence, get_args
 
-from metaopt import distributed
+from metaopt import checkpoints, distributed
 
 logger = logging.getLogger(__name__)
 
 WandbMode = Literal["online", "offline", "disabled"]
 WANDB_MODES = get_args(WandbMode)
 CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -188,7 +189,7 @@ class Run:
         """Write the resolved config next to the results."""
         target = self.path / CONFIG_FILE
         if self.writes:
-            target.write_text(yaml_text)
+            checkpoints.write_text(target, yaml_text)
         return target
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
@@ -196,7 +197,8 @@ class Run:
         if not self.writes:
             return
         row = {"step": step, **_jsonable(metrics)} if step is not None else _jsonable(metrics)
-        with open(self.path / "metrics.jsonl", "a") as f:
+        target = self.path / METRICS_FILE
+        with checkpoints.writing(target), open(target, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._wandb is not None:
             self._guard("log", lambda: self._wandb.log(dict(metrics), step=step))
@@ -208,7 +210,7 @@ class Run:
             return
         current = json.loads(target.read_text()) if target.exists() else {}
         current.update(_jsonable(values))
-        target.write_text(json.dumps(current, indent=2))
+        checkpoints.write_text(target, json.dumps(current, indent=2))
         if self._wandb is not None:
             self._guard("summary", lambda: self._wandb.summary.update(_jsonable(values)))
 
@@ -217,7 +219,8 @@ class Run:
         target = self.figure_dir / f"{name}.png"
         if not self.writes:
             return target
-        figure.savefig(target, dpi=120, bbox_inches="tight")
+        with checkpoints.writing(target):
+            figure.savefig(target, dpi=120, bbox_inches="tight")
         if self._wandb is not None:
 
             def upload():
@@ -233,7 +236,7 @@ class Run:
         target = self.path / f"{name}.json"
         if not self.writes:
             return target
-        target.write_text(json.dumps(_jsonable(payload), indent=2))
+        checkpoints.write_text(target, json.dumps(_jsonable(payload), indent=2))
         return target
 
     # ------------------------------------------------------------------ W&B-native views, guarded

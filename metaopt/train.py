@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Callable, Literal, Optional, Sequence, get_args
 import torch
 from tqdm.auto import tqdm
 
-from metaopt import distributed
+from metaopt import checkpoints, distributed
 from metaopt.checks import non_negative_float, non_negative_int, one_of, optional, positive_float, positive_int
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
@@ -301,13 +300,7 @@ class MetaTrainer:
         state = self.state_dict()
         target = self.checkpoint_dir / f"step_{self.step:08d}.pt"
         if self.world.is_main:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(".tmp")
-            with open(tmp, "wb") as file:
-                torch.save(state, file)
-                file.flush()
-                os.fsync(file.fileno())  # on disk before the rename makes it the latest
-            tmp.replace(target)
+            checkpoints.save(state, target)
         return target
 
     @staticmethod
@@ -318,14 +311,16 @@ class MetaTrainer:
 
     def _load(self, path: Path) -> None:
         """Load a checkpoint on every rank: rank 0 reads it and sends it (no shared file system needed)."""
-        state = torch.load(path, map_location="cpu", weights_only=False) if self.world.is_main else None
+        state = checkpoints.load(path) if self.world.is_main else None
         self.load_state_dict(distributed.broadcast_object(state))
 
     def _newest_readable(self) -> tuple[Path | None, dict | None]:
         """The newest checkpoint that loads; a truncated or corrupt one is set aside as ``step_N.pt.corrupt``."""
         while (path := self.latest_checkpoint(self.checkpoint_dir)) is not None:
             try:
-                return path, torch.load(path, map_location="cpu", weights_only=False)
+                return path, checkpoints.load(path)
+            except checkpoints.UnsafeCheckpointError:
+                raise  # not damage: a file that would run code is refused, not skipped
             except Exception as error:  # noqa: BLE001 - any unreadable file: keep it for inspection, try the next
                 aside = path.with_name(path.name + ".corrupt")
                 path.replace(aside)

@@ -97,3 +97,78 @@ def test_corrupt_image_in_the_evaluation_split_is_refused_before_work(omniglot_r
     error = capsys.readouterr().err
     assert f"could not decode image {drawing}" in error and not out.exists()
 
+
+
+# ---------------------------------------------------------------------- files: planted checkpoints, a full disk
+class _Planted:
+    """Unpickling this runs ``Path.touch`` on a marker: what a malicious checkpoint would do with os.system."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _trained_run(recipe: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "runs"
+    assert main(["run", str(recipe), f"output_dir={out}", "wandb.mode=disabled"]) == 0
+    (run_dir,) = (out / "tiny").iterdir()
+    return run_dir
+
+
+@pytest.mark.parametrize("command", ["resume", "compare"])
+def test_planted_checkpoint_is_refused_and_runs_no_code(recipe, tmp_path, capsys, command):
+    run_dir = _trained_run(recipe, tmp_path)
+    marker = tmp_path / "code_ran"
+    for checkpoint in (run_dir / "checkpoints" / "transformer").glob("step_*.pt"):
+        state = torch.load(checkpoint, weights_only=True)
+        state["learner"]["planted"] = _Planted(marker)
+        torch.save(state, checkpoint)
+    capsys.readouterr()
+    assert main([command, str(run_dir)]) == 2
+    error = capsys.readouterr().err
+    assert "is not a plain-data checkpoint and was not opened" in error and "Traceback" not in error
+    assert not marker.exists(), "loading the checkpoint ran code"
+    assert not list(run_dir.rglob("*.corrupt")), "a planted file is refused, not set aside as damage"
+
+
+def test_full_disk_at_a_checkpoint_stops_with_the_path_and_keeps_the_previous_one(recipe, tmp_path, capsys,
+                                                                                monkeypatch):
+    real_save = torch.save
+
+    def save(state, file, *args, **kwargs):
+        if "step_00000006" in str(getattr(file, "name", file)):
+            raise OSError(28, "No space left on device")
+        return real_save(state, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "runs"
+    assert main(["run", str(recipe), f"output_dir={out}", "wandb.mode=disabled"]) == 1
+    error = capsys.readouterr().err
+    (run_dir,) = (out / "tiny").iterdir()
+    folder = run_dir / "checkpoints" / "transformer"
+    assert f"could not write {folder / 'step_00000006.pt'}: No space left on device" in error
+    assert "MiB free" in error and "metaopt resume" in error
+    assert sorted(p.name for p in folder.iterdir()) == ["step_00000003.pt"], "no temporary or partial file is left"
+    monkeypatch.setattr(torch, "save", real_save)  # space freed: the run continues from step 3
+    assert main(["resume", str(run_dir)]) == 0
+    assert (folder / "step_00000006.pt").exists() and (run_dir / "results.json").exists()
+
+
+def test_full_disk_while_writing_a_result_keeps_the_old_file(tmp_path, monkeypatch):
+    from metaopt.checkpoints import WriteError
+    from metaopt.log import Run
+
+    run = Run("tiny", {}, root=tmp_path, wandb_mode="disabled")
+    run.save_json({"a": 1}, "results")
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(WriteError, match=r"could not write .*results.json: No space left on device \(.* free"):
+        run.save_json({"a": 2}, "results")
+    monkeypatch.undo()
+    assert (run.path / "results.json").read_text().replace(" ", "").replace("\n", "") == '{"a":1}'
+    assert [p.name for p in run.path.iterdir() if p.suffix == ".tmp"] == []

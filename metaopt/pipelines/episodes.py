@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from metaopt import checkpoints
 from metaopt import compare as comparing
 from metaopt import wandb_native
 from metaopt.analysis.suite import parse_analyses
@@ -239,7 +240,7 @@ def _load_trained(experiment: EpisodeExperiment, run: Run) -> None:
         path = MetaTrainer.latest_checkpoint(run.checkpoint_dir / name)
         if path is None:
             raise ConfigError(f"{run.path} has no checkpoint for learner {name!r}; run `metaopt resume {run.path}`")
-        state = torch.load(path, map_location="cpu", weights_only=False)["learner"]
+        state = checkpoints.load(path)["learner"]
         experiment.learners[name].load_state_dict(state)
 
 

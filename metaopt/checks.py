@@ -73,6 +73,18 @@ def probability(name: str, value: object, *, owner: str) -> float:
     return float(value)
 
 
+def interval(name: str, value: object, *, owner: str, low_bound: float | None = None) -> tuple[float, float]:
+    """``value`` as a pair ``(low, high)`` of finite numbers with ``low < high`` (and ``low >= low_bound``)."""
+    bound = "" if low_bound is None else f" and low >= {low_bound}"
+    allowed = f"a pair (low, high) of finite numbers with low < high{bound}"
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise ArgumentError(owner, name, allowed, value)
+    low, high = value
+    if not (_finite(low) and _finite(high) and low < high) or (low_bound is not None and low < low_bound):
+        raise ArgumentError(owner, name, allowed, value)
+    return float(low), float(high)
+
+
 def boolean(name: str, value: object, *, owner: str) -> bool:
     """``value`` if it is True or False (not 0, 1 or a string)."""
     if not isinstance(value, bool):
@@ -117,6 +129,7 @@ __all__ = [
     "ArgumentError",
     "boolean",
     "integer",
+    "interval",
     "non_negative_float",
     "non_negative_int",
     "one_of",

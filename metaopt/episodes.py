@@ -7,6 +7,7 @@ by construction. Episodes validate their shapes when built and never change afte
 from __future__ import annotations
 
 import dataclasses
+from numbers import Integral
 from types import MappingProxyType
 from typing import Mapping, Sequence
 
@@ -31,6 +32,14 @@ class Episode:
 
     ``info`` holds the tasks' ground truth where known (true weights, noise level, ...),
     each value a tensor with the task dimension first.
+
+    Construction checks the structure, which costs nothing: tensor types, ranks, shapes, task counts,
+    floating inputs (one dtype for ``x_support``, ``x_query`` and ``x_unlabeled``), label dtypes and the
+    class count. It does not read values, so an episode holding NaN or inf, or labels outside their kind's
+    range, is built: a pass over the values would wait for an accelerator (undoing the overlapped copy of
+    ``to``) and is not allowed inside ``torch.func`` transforms, which build episodes from traced query
+    tensors (``metaopt.analysis.sensitivity``). :meth:`check_values` reads them: ``TaskFamily.sample`` runs it
+    on every episode it draws, on the CPU before the move, so no sampled episode holds such values.
     """
 
     x_support: torch.Tensor
@@ -59,6 +68,9 @@ class Episode:
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"Episode.{name} must be a torch.Tensor; got {type(value).__name__}")
         for name in ("x_support", "x_query"):
+            if not fields[name].is_floating_point():
+                raise ValueError(f"Episode.{name} must be a floating tensor (inputs are real); got dtype "
+                                 f"{fields[name].dtype}")
             if fields[name].dim() < 3:
                 raise ValueError(
                     f"Episode.{name} must have shape [tasks, examples, *features] (rank >= 3); "
@@ -98,6 +110,28 @@ class Episode:
                 "Episode.y_support and Episode.y_query must share their label shape; got "
                 f"y_support {_shape(self.y_support)} and y_query {_shape(self.y_query)}"
             )
+        for other in ("x_query", "x_unlabeled", "y_query"):
+            first, value = ("y_support" if other == "y_query" else "x_support"), getattr(self, other)
+            if value is not None and value.dtype != getattr(self, first).dtype:
+                raise ValueError(f"Episode.{first} and Episode.{other} must share one dtype; got "
+                                 f"{getattr(self, first).dtype} and {value.dtype}")
+
+    def check_values(self, *, owner: str = "Episode") -> None:
+        """Refuse NaN or inf in the inputs or real labels, binary labels outside {0, 1}, class ids outside
+        ``[0, num_classes)``: a ``ValueError`` from ``owner`` naming the field. One pass over the values."""
+        tensors = {"x_support": self.x_support, "x_query": self.x_query, "x_unlabeled": self.x_unlabeled,
+                   "y_support": self.y_support, "y_query": self.y_query}
+        for name, value in tensors.items():
+            if value is None or value.numel() == 0:
+                continue
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{owner}: Episode.{name} holds NaN or inf values")
+            if name.startswith("y") and self.kind == "binary" and not bool(((value == 0) | (value == 1)).all()):
+                raise ValueError(f"{owner}: Episode.{name} must hold binary labels 0 or 1 (kind='binary')")
+            if name.startswith("y") and self.kind == "classification" and not (
+                    0 <= int(value.min()) and int(value.max()) < self.num_classes):
+                raise ValueError(f"{owner}: Episode.{name} must hold class ids in [0, {self.num_classes}) "
+                                 f"(num_classes); got labels in [{int(value.min())}, {int(value.max())}]")
 
     # ------------------------------------------------------------------ accessors
     @property
@@ -145,8 +179,9 @@ class Episode:
 
     def take_support(self, k: int) -> "Episode":
         """The episode restricted to the first ``k`` support examples (queries unchanged)."""
-        if not 0 <= k <= self.num_support:
-            raise ValueError(f"take_support(k) needs 0 <= k <= {self.num_support} (the support size); got k={k}")
+        if isinstance(k, bool) or not isinstance(k, Integral) or not 0 <= k <= self.num_support:
+            raise ValueError(f"take_support(k) needs an int 0 <= k <= {self.num_support} (the support size); "
+                             f"got k={k!r}")
         return self.replace(x_support=self.x_support[:, :k], y_support=self.y_support[:, :k])
 
     def select_tasks(self, index: slice | torch.Tensor) -> "Episode":

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from metaopt.checks import boolean, positive_int, probability
+from metaopt.checks import ArgumentError, boolean, positive_int, probability, sequence_of
 from metaopt.episodes import Episode
 from metaopt.tasks.base import TaskFamily
 
 LiteralProbs = tuple[float, float, float]
+MAX_WEIGHT = 2**24  # integer weights and thresholds stay exact in float32
 
 
 # ---------------------------------------------------------------------- shared helpers
@@ -36,6 +37,14 @@ def random_literals(shape: tuple[int, ...], probs: LiteralProbs, generator: torc
     _, positive, negated = probs
     u = torch.rand(shape, generator=generator)
     return torch.where(u < positive, 1.0, torch.where(u < positive + negated, -1.0, 0.0))
+
+
+def weight_bound(owner: str, bound: object) -> int:
+    """``bound`` as an int in ``[1, MAX_WEIGHT]``: the largest integer weight or threshold of a halfspace."""
+    positive_int("bound", bound, owner=owner)
+    if bound > MAX_WEIGHT:
+        raise ArgumentError(owner, "bound", f"an int <= {MAX_WEIGHT} (weights stay exact in float32)", bound)
+    return bound
 
 
 def compact_rows(rows: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +89,14 @@ class BooleanFamily(TaskFamily):
     def max_teaching_length(self) -> int:
         """The longest teaching sequence of the class: the smallest support that can hold it."""
         return 0
+
+    @property
+    def task_values(self) -> int:
+        return self.n_bits * (1 + self.max_teaching_length)
+
+    @property
+    def example_values(self) -> int:
+        return 2 * (self.n_bits + 1)
 
     def _functions(self, num_tasks: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -153,8 +170,10 @@ class NormalForm(BooleanFamily):
     ) -> None:
         name = type(self).__name__
         positive_int("terms", terms, owner=name)
-        probs = tuple(float(p) for p in literal_probs)
-        if len(probs) != 3 or min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
+        boolean("cnf", cnf, owner=name)
+        boolean("monotone", monotone, owner=name)
+        probs = sequence_of("literal_probs", literal_probs, probability, owner=name, length=3)
+        if abs(sum(probs) - 1.0) > 1e-6:
             raise ValueError(
                 f"{name}: literal_probs must be three probabilities (absent, positive, negated) summing to 1; "
                 f"got {literal_probs!r}"
@@ -162,10 +181,10 @@ class NormalForm(BooleanFamily):
         if monotone:  # negated literals become positive ones (the paper's TeachConjunction / TeachDNF)
             probs = (probs[0], probs[1] + probs[2], 0.0)
         self.terms = terms
-        self.cnf = bool(cnf)
+        self.cnf = cnf
         self.literal_probs = probs
         self.force = probability("force", force, owner=name)
-        self.monotone = bool(monotone)
+        self.monotone = monotone
         super().__init__(n_bits, teaching)
         if teaching and terms > 1 and not monotone:
             raise ValueError(
@@ -180,6 +199,14 @@ class NormalForm(BooleanFamily):
         if not self.monotone:
             return self.n_bits + 2
         return self.terms * (self.n_bits + 1)
+
+    @property
+    def task_values(self) -> int:  # teaching rows: one-hot flips [k, n, n]
+        return self.terms * self.n_bits * (1 + (3 * self.n_bits if self.teaching else 0))
+
+    @property
+    def example_values(self) -> int:
+        return 2 * (self.n_bits + 1) + self.terms
 
     def _literals(self, num_tasks: int, generator: torch.Generator) -> torch.Tensor:
         return random_literals((num_tasks, self.terms, self.n_bits), self.literal_probs, generator)
@@ -280,6 +307,7 @@ class CNF(NormalForm):
     """``clauses``-clause CNF (3 in the paper), literals 0.8/0.1/0.1; 30% of points forced to falsify one clause."""
 
     def __init__(self, n_bits: int, clauses: int = 3, monotone: bool = False, teaching: bool = False) -> None:
+        positive_int("clauses", clauses, owner="CNF")
         super().__init__(n_bits, clauses, cnf=True, literal_probs=(0.8, 0.1, 0.1), force=0.3,
                          monotone=monotone, teaching=teaching)
 
@@ -305,7 +333,7 @@ class ZeroOneThreshold(BooleanFamily):
     f(x) = [x·w > b]; ``info["w"]`` ``[T, n]`` and ``info["threshold"]`` ``[T]`` (the paper's "0-1 threshold")."""
 
     def __init__(self, n_bits: int, bound: int = 3) -> None:
-        self.bound = positive_int("bound", bound, owner="ZeroOneThreshold")
+        self.bound = weight_bound("ZeroOneThreshold", bound)
         super().__init__(n_bits)
 
     def _functions(self, num_tasks: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -321,7 +349,7 @@ class IntegerHalfspace(BooleanFamily):
     """Halfspace with integer weights ``info["w"]`` uniform in {−bound, …, bound}^n: f(x) = [x·w > ½]."""
 
     def __init__(self, n_bits: int, bound: int = 3) -> None:
-        self.bound = positive_int("bound", bound, owner="IntegerHalfspace")
+        self.bound = weight_bound("IntegerHalfspace", bound)
         super().__init__(n_bits)
 
     def _functions(self, num_tasks: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -391,6 +419,10 @@ class NearestNeighbour(BooleanFamily):
     def __init__(self, n_bits: int, random_prefix: int = 10) -> None:
         self.random_prefix = positive_int("random_prefix", random_prefix, owner="NearestNeighbour")
         super().__init__(n_bits)
+
+    def sample_values(self, num_tasks: int, support: int, query: int) -> int:
+        points = support + query  # plus the similarities of every point to the support set, 2048 tasks at a time
+        return num_tasks * points * 2 * (self.n_bits + 1) + (min(num_tasks, 2048) + 1) * points * support
 
     def _sample(self, num_tasks: int, support: int, query: int, generator: torch.Generator) -> Episode:
         x = uniform_bits((num_tasks, support + query, self.n_bits), generator)

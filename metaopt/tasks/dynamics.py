@@ -39,6 +39,14 @@ class LinearDynamics(TaskFamily):
         """E[s_{t,i}²] = 1/3 of the U(−1, 1) start (W* preserves norms; the small noise is neglected)."""
         return 1.0 / 3.0
 
+    @property
+    def task_values(self) -> int:
+        return 3 * self.dim * self.dim
+
+    @property
+    def example_values(self) -> int:
+        return 4 * self.dim
+
     def _sample(self, num_tasks: int, support: int, query: int, generator: torch.Generator) -> Episode:
         steps = support + query
         if self.length is not None and steps + 1 > self.length:

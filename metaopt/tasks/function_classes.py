@@ -47,6 +47,14 @@ class SparseLinear(TaskFamily):
     def error_scale(self) -> float:
         return float(self.nonzeros)
 
+    @property
+    def task_values(self) -> int:
+        return 3 * self.dim
+
+    @property
+    def example_values(self) -> int:
+        return 2 * (self.dim + 1)
+
     def _sample(self, num_tasks: int, support: int, query: int, generator: torch.Generator) -> Episode:
         d = self.dim
         w = torch.randn(num_tasks, d, generator=generator)
@@ -84,6 +92,14 @@ class DecisionTree(TaskFamily):
     def error_scale(self) -> float:
         return 1.0
 
+    @property
+    def task_values(self) -> int:
+        return 2 ** (self.depth + 1)
+
+    @property
+    def example_values(self) -> int:
+        return self.dim + 4
+
     def _sample(self, num_tasks: int, support: int, query: int, generator: torch.Generator) -> Episode:
         internal = 2**self.depth - 1
         features = torch.randint(self.dim, (num_tasks, internal), generator=generator)
@@ -119,6 +135,14 @@ class ReluNet(TaskFamily):
     @property
     def error_scale(self) -> float:
         return float(self.dim)
+
+    @property
+    def task_values(self) -> int:
+        return (self.dim + 1) * self.hidden
+
+    @property
+    def example_values(self) -> int:
+        return self.dim + self.hidden + 1
 
     def _sample(self, num_tasks: int, support: int, query: int, generator: torch.Generator) -> Episode:
         w1 = torch.randn(num_tasks, self.dim, self.hidden, generator=generator)

@@ -42,6 +42,14 @@ class NoisyLinearRegression(TaskFamily):
         return float(self.dim)
 
     @property
+    def task_values(self) -> int:
+        return self.dim + 1
+
+    @property
+    def example_values(self) -> int:
+        return 2 * (self.dim + 1)
+
+    @property
     def metric(self) -> Metric:
         return AdjustedLoss(noise_key="noise_std")
 

@@ -7,7 +7,7 @@ from functools import partial
 
 import torch
 
-from metaopt.checks import integer, non_negative_float, one_of, optional, positive_float, positive_int
+from metaopt.checks import integer, interval, non_negative_float, one_of, optional, positive_float, positive_int
 from metaopt.episodes import Episode
 from metaopt.tasks.base import TaskFamily
 
@@ -97,9 +97,7 @@ class LinearRegression(TaskFamily):
         dim = positive_int("dim", dim, owner=owner)
         noise_std = non_negative_float("noise_std", noise_std, owner=owner)
         one_of("x_dist", x_dist, X_DISTRIBUTIONS, owner=owner)
-        low, high = (float(v) for v in x_range)
-        if not low < high:
-            raise ValueError(f"LinearRegression: x_range must be (low, high) with low < high; got {x_range!r}")
+        low, high = interval("x_range", x_range, owner=owner)
         one_of("covariance", covariance, COVARIANCES, owner=owner)
         if covariance == "half_subspace" and dim < 2:
             raise ValueError(f"LinearRegression: covariance='half_subspace' needs dim >= 2; got dim={dim!r}")
@@ -126,6 +124,14 @@ class LinearRegression(TaskFamily):
     def error_scale(self) -> float:
         """E[<w, x>^2] = d E[x_i^2]: d for normal inputs, as in Garg et al."""
         return self.dim * self.x_second_moment
+
+    @property
+    def task_values(self) -> int:
+        return self.dim * (1 if self.covariance == "identity" else 3 * self.dim)
+
+    @property
+    def example_values(self) -> int:
+        return 3 * (self.dim + 1)
 
     def _sample_x(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         if self.x_dist == "normal":

@@ -6,20 +6,9 @@ import math
 
 import torch
 
-from metaopt.checks import non_negative_float
+from metaopt.checks import interval, non_negative_float
 from metaopt.episodes import Episode
 from metaopt.tasks.base import TaskFamily
-
-
-def _interval(owner: str, name: str, value: tuple[float, float], low_bound: float | None = None) -> tuple[float, float]:
-    try:
-        low, high = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{owner}: {name} must be a pair (low, high); got {value!r}") from None
-    if not (math.isfinite(low) and math.isfinite(high) and low < high) or (low_bound is not None and low < low_bound):
-        bound = "" if low_bound is None else f" and low >= {low_bound}"
-        raise ValueError(f"{owner}: {name} must be finite (low, high) with low < high{bound}; got {value!r}")
-    return low, high
 
 
 class Sinusoid(TaskFamily):
@@ -38,9 +27,9 @@ class Sinusoid(TaskFamily):
         x_range: tuple[float, float] = (-5.0, 5.0),
         noise_std: float = 0.0,
     ) -> None:
-        self.amplitude = _interval("Sinusoid", "amplitude", amplitude, low_bound=0.0)
-        self.phase = _interval("Sinusoid", "phase", phase)
-        self.x_range = _interval("Sinusoid", "x_range", x_range)
+        self.amplitude = interval("amplitude", amplitude, owner="Sinusoid", low_bound=0.0)
+        self.phase = interval("phase", phase, owner="Sinusoid")
+        self.x_range = interval("x_range", x_range, owner="Sinusoid")
         self.noise_std = non_negative_float("noise_std", noise_std, owner="Sinusoid")
 
     @property
@@ -48,6 +37,14 @@ class Sinusoid(TaskFamily):
         """E[y²] = E[A²]/2 over uniform amplitudes (x spans whole periods on average): the zero predictor's error."""
         low, high = self.amplitude
         return (low * low + low * high + high * high) / 6.0
+
+    @property
+    def task_values(self) -> int:
+        return 2
+
+    @property
+    def example_values(self) -> int:
+        return 3
 
     def _sample(self, num_tasks: int, support: int, query: int, generator: torch.Generator) -> Episode:
         def uniform(shape: tuple[int, ...], interval: tuple[float, float]) -> torch.Tensor:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Hashable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from metaopt.checks import integer
+from metaopt.checks import integer, sequence_of
 from metaopt.tasks.images.source import SPLITS, ClassPool, FiniteImageSource, check_split
 
 # 6 and 9 share a split: with the rotation augmentation a 6 turned by 180° is a 9
@@ -25,9 +26,10 @@ class Digits(FiniteImageSource):
 
     def __init__(self, size: int = 28, splits: Mapping[str, Sequence[int]] = DIGIT_SPLITS) -> None:
         self.size = integer("size", size, owner="Digits", low=8)
-        if set(splits) != set(SPLITS):
-            raise ValueError(f"Digits: splits must map each of {SPLITS} to digits; got keys {sorted(splits)!r}")
-        self.splits = {name: tuple(int(d) for d in splits[name]) for name in SPLITS}
+        if not isinstance(splits, Mapping) or set(splits) != set(SPLITS):
+            raise ValueError(f"Digits: splits must map each of {SPLITS} to digits; got {splits!r}")
+        self.splits = {name: sequence_of(f"splits[{name!r}]", splits[name], partial(integer, low=0, high=9),
+                                         owner="Digits") for name in SPLITS}
         used = [d for name in SPLITS for d in self.splits[name]]
         if len(set(used)) != len(used) or not set(used) <= set(range(10)):
             raise ValueError(f"Digits: splits must use distinct digits 0..9; got {dict(self.splits)!r}")

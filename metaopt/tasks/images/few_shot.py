@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
-from metaopt.checks import positive_int
+from metaopt.checks import boolean, positive_int
 from metaopt.episodes import Episode
 from metaopt.tasks.base import TaskFamily
 from metaopt.tasks.images.glyphs import Glyphs
@@ -17,8 +19,8 @@ from metaopt.tasks.images.source import ImageSource, check_split
 def _image_size(value: int | tuple[int, int] | None) -> tuple[int, int] | None:
     if value is None:
         return None
-    size = (value, value) if isinstance(value, int) else tuple(value)
-    if len(size) != 2:
+    size = (value, value) if isinstance(value, int) else value
+    if isinstance(size, (str, bytes)) or not isinstance(size, Sequence) or len(size) != 2:
         raise ValueError(f"FewShotImages: image_size must be an int or (height, width); got {value!r}")
     return tuple(positive_int("image_size", s, owner="FewShotImages") for s in size)  # type: ignore[return-value]
 
@@ -66,7 +68,7 @@ class FewShotImages(LayoutSizes, TaskFamily):
             raise ValueError(f"FewShotImages: source must be an ImageSource; got {type(source).__name__}")
         self.layout = FewShotLayout(ways, shots, queries, unlabeled_per_class)
         self.split = check_split("FewShotImages", split)
-        self.rotations = bool(rotations)
+        self.rotations = boolean("rotations", rotations, owner="FewShotImages")
         self.base_source = source
         self.source = RotatedClasses(source) if self.rotations else source
         self.image_size = _image_size(image_size)
@@ -94,6 +96,13 @@ class FewShotImages(LayoutSizes, TaskFamily):
             raise ValueError(f"FewShotImages.replace: unknown argument(s) {unknown}; expected some of {list(current)}")
         return FewShotImages(self.base_source, **(current | changes), rotations=self.rotations,
                              image_size=self.image_size)
+
+    @property
+    def image_values(self) -> int:
+        """Eight numbers per pixel: the image, its resized copy, the rendering intermediates of procedural sources."""
+        channels, height, width = self.source.image_shape
+        resized = 0 if self.image_size is None else self.image_size[0] * self.image_size[1]
+        return 8 * channels * (height * width + resized)
 
     def _sample(self, num_tasks: int, support: int, query: int, generator: torch.Generator) -> Episode:
         self.layout.check(type(self).__name__, support, query)

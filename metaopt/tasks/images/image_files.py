@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +14,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 def layout_error(owner: str, problem: str, layout: str) -> FileNotFoundError:
     """A ``FileNotFoundError`` saying what is wrong and which folder layout ``owner`` expects."""
     return FileNotFoundError(f"{owner}: {problem}; expected this layout:\n{layout}")
+
+
+def folder_path(owner: str, root: object) -> Path:
+    """``root`` (a ``str`` or path-like) as an absolute path, ``~`` expanded; a ``TypeError`` naming it otherwise."""
+    if isinstance(root, bool) or not isinstance(root, (str, os.PathLike)) or root == "":
+        raise TypeError(f"{owner}: root must be a folder path (a str or os.PathLike); got {root!r}")
+    return Path(root).expanduser().resolve()
 
 
 def subfolders(folder: Path) -> list[Path]:

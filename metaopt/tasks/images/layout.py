@@ -128,3 +128,14 @@ class LayoutSizes:
     def query_size(self) -> int:
         """The ``query`` argument ``sample`` takes: ways × queries."""
         return self.layout.query_size
+
+    @property
+    def image_values(self) -> int:
+        """About how many numbers sampling holds per image (1 where the image size is known only once drawn)."""
+        return 1
+
+    def sample_values(self, num_tasks: int, support: int, query: int) -> int:
+        """Numbers held for ``num_tasks`` tasks of the layout's images (``support`` and ``query`` are the layout's,
+        which ``sample`` checks)."""
+        del support, query
+        return num_tasks * self.layout.ways * self.layout.per_class * self.image_values

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Hashable
 
 from metaopt.checks import positive_int
-from metaopt.tasks.images.image_files import decode_images, image_files, layout_error, subfolders
+from metaopt.tasks.images.image_files import decode_images, folder_path, image_files, layout_error, subfolders
 from metaopt.tasks.images.source import SPLITS, ClassPool, FiniteImageSource, check_split
 
 MINIIMAGENET_LAYOUT = """\
@@ -28,7 +28,7 @@ class MiniImageNetFolder(FiniteImageSource):
     """
 
     def __init__(self, root: str | Path, *, size: int = 84) -> None:
-        self.root = Path(root).expanduser().resolve()
+        self.root = folder_path("MiniImageNetFolder", root)
         self.size = positive_int("size", size, owner="MiniImageNetFolder")
         self.image_shape = (3, self.size, self.size)
         if not self.root.is_dir():

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Hashable
 
 from metaopt.checks import non_negative_int, positive_int
-from metaopt.tasks.images.image_files import decode_images, image_files, layout_error, subfolders
+from metaopt.tasks.images.image_files import decode_images, folder_path, image_files, layout_error, subfolders
 from metaopt.tasks.images.source import ClassPool, FiniteImageSource, check_split
 
 OMNIGLOT_LAYOUT = """\
@@ -25,7 +25,7 @@ class OmniglotFolder(FiniteImageSource):
     """
 
     def __init__(self, root: str | Path, *, size: int = 28, val_alphabets: int = 5) -> None:
-        self.root = Path(root).expanduser().resolve()
+        self.root = folder_path("OmniglotFolder", root)
         self.size = positive_int("size", size, owner="OmniglotFolder")
         self.val_alphabets = non_negative_int("val_alphabets", val_alphabets, owner="OmniglotFolder")
         self.image_shape = (1, self.size, self.size)

@@ -27,6 +27,8 @@ class RotatedClasses(ImageSource):
     """
 
     def __init__(self, source: ImageSource) -> None:
+        if not isinstance(source, ImageSource):
+            raise TypeError(f"RotatedClasses: source must be an ImageSource; got {type(source).__name__}")
         _, height, width = source.image_shape
         if height != width:
             raise ValueError(f"RotatedClasses: images must be square to rotate by 90°; got {source.image_shape!r}")

@@ -10,6 +10,7 @@ from optimizers.alias import *  # noqa: F403 (the optimizers and their direction
 from optimizers.base import (
     EmptyState,
     GradientTransformation,
+    Hyperparameters,
     InPlaceUpdate,
     OptState,
     Params,
@@ -20,6 +21,7 @@ from optimizers.base import (
     chain,
     identity,
     tree_map,
+    tree_update,
 )
 from optimizers.environments import Environment, TrainState, Unroll, mlp_apply, mlp_init
 from optimizers.estimators import (
@@ -57,6 +59,7 @@ __all__ = [
     "FunctionalOptimizer",
     "InPlaceUpdate",
     "GradientTransformation",
+    "Hyperparameters",
     "LayerwiseMixture",
     "LayerwiseMixtureState",
     "OptState",
@@ -75,6 +78,7 @@ __all__ = [
     "join_schedules",
     "linear_schedule",
     "tree_map",
+    "tree_update",
     "warmup_cosine_decay_schedule",
 ]
 __all__ += alias.__all__

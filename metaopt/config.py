@@ -174,8 +174,34 @@ def settings(node: Any, cls: Callable[..., T], where: str) -> T:
         raise ConfigError(joined) from error
 
 
+_ENV_MARK = "metaopt_environment_value_9c41e7"  # a bare word: oc.decode and string interpolation keep it
+if not OmegaConf.has_resolver("metaopt_env_mark"):
+    OmegaConf.register_resolver("metaopt_env_mark", lambda *args: _ENV_MARK)
+
+
+def _walk(raw: Any, marked: Any, resolved: Any) -> Any:
+    if isinstance(raw, dict):
+        return {key: _walk(raw[key], marked[key], resolved[key]) for key in raw}
+    if isinstance(raw, list):
+        return [_walk(*items) for items in zip(raw, marked, resolved)]
+    return raw if isinstance(marked, str) and _ENV_MARK in marked else resolved
+
+
+def saved(config: DictConfig) -> dict[str, Any]:
+    """The config as it is written to the run folder and W&B: resolved, except what reads the environment.
+
+    A value that comes from ``${oc.env:...}`` (directly or through other interpolations) stays an
+    interpolation, so a token or a password a recipe reads from the environment is never written to disk
+    or uploaded; a resumed run reads it from its own environment again.
+    """
+    raw = OmegaConf.to_container(config, resolve=False)
+    marked = OmegaConf.create(yaml.safe_dump(raw).replace("${oc.env:", "${metaopt_env_mark:"))
+    return _walk(raw, OmegaConf.to_container(marked, resolve=True), OmegaConf.to_container(config, resolve=True))
+
+
 def to_yaml(config: DictConfig) -> str:
-    return OmegaConf.to_yaml(config, resolve=True)
+    """The config as YAML, as :func:`saved` writes it (environment values left as interpolations)."""
+    return yaml.safe_dump(saved(config), sort_keys=False)
 
 
 def plain(node: Any) -> Any:

@@ -172,3 +172,35 @@ def test_full_disk_while_writing_a_result_keeps_the_old_file(tmp_path, monkeypat
     monkeypatch.undo()
     assert (run.path / "results.json").read_text().replace(" ", "").replace("\n", "") == '{"a":1}'
     assert [p.name for p in run.path.iterdir() if p.suffix == ".tmp"] == []
+
+
+# ---------------------------------------------------------------------- secrets
+def test_environment_values_are_never_written_to_the_run_folder_or_wandb(tmp_path, monkeypatch, capsys):
+    secret = "tok-5f1e0c9a-not-for-disk"
+    monkeypatch.setenv("METAOPT_TEST_TOKEN", secret)
+    recipe = tmp_path / "secret.yaml"
+    learners = {**TINY["learners"], "gd": {**TINY["learners"]["gd"], "lr": "${oc.decode:${oc.env:METAOPT_TEST_LR}}"}}
+    monkeypatch.setenv("METAOPT_TEST_LR", "0.25")
+    recipe.write_text(yaml.safe_dump({**TINY, "description": "${oc.env:METAOPT_TEST_TOKEN}", "learners": learners,
+                                      "wandb": {"tags": ["kept"]}}))
+    out = tmp_path / "runs"
+    assert main(["run", str(recipe), f"output_dir={out}", "wandb.mode=offline"]) == 0
+    (run_dir,) = (out / "tiny").iterdir()
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files), "the offline W&B run is in the run folder"
+    leaked = [p for p in files if secret.encode() in p.read_bytes()]
+    assert not leaked, f"the environment value was written to {leaked}"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["description"] == "${oc.env:METAOPT_TEST_TOKEN}" and saved["wandb"]["tags"] == ["kept"]
+    assert saved["learners"]["gd"]["lr"] == "${oc.decode:${oc.env:METAOPT_TEST_LR}}"
+    assert saved["train"]["steps"] == 6  # everything else is resolved as before
+    assert main(["compare", str(run_dir), "wandb.mode=disabled"]) == 0  # the run reads its environment again
+
+
+def test_a_run_folder_runs_only_the_import_paths_it_recorded(recipe, tmp_path, capsys):
+    run_dir = _trained_run(recipe, tmp_path)
+    capsys.readouterr()
+    evil = "learners.extra={_target_: metaopt.learners.Ridge, lam: 1.0}"
+    assert main(["compare", str(run_dir), evil]) == 2
+    assert "may not add _target_ import paths the run did not record (metaopt.learners.Ridge)" in capsys.readouterr().err
+    assert main(["compare", str(run_dir), "compare.num_tasks=16"]) == 0  # the recorded ones are fine

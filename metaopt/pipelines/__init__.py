@@ -34,7 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 from metaopt import distributed
 from metaopt.allocator import keep_freed_memory
 from metaopt.config import (
-    CommonSettings, ConfigError, describe, find_recipe, merge, read_recipe, settings, to_yaml,
+    CommonSettings, ConfigError, describe, find_recipe, merge, read_recipe, saved, settings, to_yaml,
 )
 from metaopt.log import CONFIG_FILE, Run
 from metaopt.pipelines import episodes, optimizer
@@ -137,7 +137,24 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[DictCo
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise ConfigError(f"{path} is not a run folder (no {CONFIG_FILE}); pass a folder made by `metaopt run`")
-    return validate(OmegaConf.load(config_file), overrides, source=str(config_file)), path
+    recorded = OmegaConf.load(config_file)
+    config = validate(recorded, overrides, source=str(config_file))
+    added = sorted(_targets(OmegaConf.to_container(config)) - _targets(OmegaConf.to_container(recorded)))
+    if added:
+        raise ConfigError(f"{config_file}: overrides may not add _target_ import paths the run did not record "
+                          f"({', '.join(added)}); a recipe is code, and a run folder runs only what it was made "
+                          "with: start a new run with `metaopt run` instead")
+    return config, path
+
+
+def _targets(node: Any) -> set[str]:
+    """Every ``_target_`` import path in a plain config tree."""
+    if isinstance(node, dict):
+        found = {str(node["_target_"])} if "_target_" in node else set()
+        return found.union(*(_targets(value) for value in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_targets(value) for value in node))
+    return set()
 
 
 def build(config: DictConfig) -> Any:
@@ -147,7 +164,7 @@ def build(config: DictConfig) -> Any:
 
 
 def _open_run(config: DictConfig, path: Path | None, job_type: str = "train") -> Run:
-    run = Run.open(config.name, OmegaConf.to_container(config, resolve=True), config.wandb,
+    run = Run.open(config.name, saved(config), config.wandb,
                    root=config.output_dir, path=path, job_type=job_type)
     run.write_config(to_yaml(config))
     return run

@@ -45,14 +45,17 @@ def decode_images(paths: Sequence[Path], size: int, mode: str, *, invert: bool =
     channels = 1 if mode == "L" else 3
     out = np.empty((len(paths), size, size, channels), dtype=np.uint8)
     for i, path in enumerate(paths):  # file decoding is inherently per file; done once per process
-        with Image.open(path) as image:
-            image = image.convert(mode)
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.Resampling.BILINEAR)
-            if invert:
-                image = ImageOps.invert(image)
-            out[i] = np.asarray(image).reshape(size, size, channels)
+        try:
+            with Image.open(path) as image:
+                image = image.convert(mode)
+                if image.size != (size, size):
+                    image = image.resize((size, size), Image.Resampling.BILINEAR)
+                if invert:
+                    image = ImageOps.invert(image)
+                out[i] = np.asarray(image).reshape(size, size, channels)
+        except (OSError, SyntaxError) as error:  # Pillow: UnidentifiedImageError, truncated files, bad headers
+            raise ValueError(f"could not decode image {path}: {error}; remove or replace the file") from error
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
-__all__ = ["layout_error", "subfolders", "image_files", "decode_images", "IMAGE_SUFFIXES"]
+__all__ = ["folder_path", "layout_error", "subfolders", "image_files", "decode_images", "IMAGE_SUFFIXES"]

@@ -17,7 +17,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence, get_args
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence, get_args
 
 from metaopt import checkpoints, distributed
 
@@ -202,6 +202,23 @@ class Run:
             f.write(json.dumps(row) + "\n")
         if self._wandb is not None:
             self._guard("log", lambda: self._wandb.log(dict(metrics), step=step))
+
+    def discard_rows(self, stale: Callable[[dict[str, Any]], bool]) -> int:
+        """Drop the rows of ``metrics.jsonl`` that ``stale`` picks (rewritten atomically); returns how many.
+
+        A resumed run drops what was logged after the checkpoint it continues from, since it logs those
+        steps again: the file then matches an uninterrupted run's row for row. W&B's history cannot be
+        rewound offline; its rows carry each learner's ``<name>/step``, so charts against that axis stay
+        right (a repeated step is drawn at the same x).
+        """
+        target = self.path / METRICS_FILE
+        if not self.writes or not target.exists():
+            return 0
+        rows = [line for line in target.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if not stale(json.loads(line))]
+        if len(kept) != len(rows):
+            checkpoints.write_text(target, "".join(line + "\n" for line in kept))
+        return len(rows) - len(kept)
 
     def summary(self, values: Mapping[str, Any]) -> None:
         """Merge values into ``summary.json`` and the W&B summary."""

@@ -204,3 +204,48 @@ def test_a_run_folder_runs_only_the_import_paths_it_recorded(recipe, tmp_path, c
     assert main(["compare", str(run_dir), evil]) == 2
     assert "may not add _target_ import paths the run did not record (metaopt.learners.Ridge)" in capsys.readouterr().err
     assert main(["compare", str(run_dir), "compare.num_tasks=16"]) == 0  # the recorded ones are fine
+
+
+# ---------------------------------------------------------------------- resume: no duplicated metric rows
+def _rows(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_a_crash_between_checkpoints_logs_every_row_once(recipe, tmp_path, monkeypatch):
+    from metaopt.train import MetaTrainer
+
+    reference = _rows(_trained_run(recipe, tmp_path / "uninterrupted"))
+    real_step = MetaTrainer._train_step
+
+    def crash_in_step_5(self, *args, **kwargs):
+        if self.step == 4:  # after the checkpoint at step 3 and the rows of step 4
+            raise RuntimeError("simulated crash")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(MetaTrainer, "_train_step", crash_in_step_5)
+    out = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["run", str(recipe), f"output_dir={out}", "wandb.mode=disabled"])
+    (run_dir,) = (out / "tiny").iterdir()
+    assert any(row.get("transformer/step") == 4 for row in _rows(run_dir))
+    monkeypatch.undo()
+    assert main(["resume", str(run_dir)]) == 0
+    assert _rows(run_dir) == reference
+
+
+def test_resume_after_a_crash_during_the_comparison_logs_its_rows_once(recipe, tmp_path, monkeypatch):
+    reference = _rows(_trained_run(recipe, tmp_path / "uninterrupted"))
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash after the comparison rows")
+
+    monkeypatch.setattr("metaopt.pipelines.episodes._evaluate", crash)
+    out = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["run", str(recipe), f"output_dir={out}", "wandb.mode=disabled"])
+    (run_dir,) = (out / "tiny").iterdir()
+    monkeypatch.undo()
+    assert main(["resume", str(run_dir)]) == 0
+    assert _rows(run_dir) == reference

@@ -223,15 +223,23 @@ def _train_all(experiment: EpisodeExperiment, run: Run, resume: bool) -> None:
     """Meta-train every learner that has meta-parameters, continuing from checkpoints when resuming."""
     for name in experiment.train:
         trainer = _trainer(experiment, name, run)
-        if resume and trainer.resume() and trainer.step >= trainer.steps:
-            logger.info("%s already trained (%d steps)", name, trainer.step)
-            continue
+        if resume:
+            trainer.resume()
+            key, step = f"{name}/step", trainer.step  # rows up to the checkpoint's step precede it on disk
+            run.discard_rows(lambda row: row.get(key, -1) > step)
+            if trainer.step >= trainer.steps:
+                logger.info("%s already trained (%d steps)", name, trainer.step)
+                continue
         result = trainer.fit()
         tracked = plot_tracked(trainer.history, title=name)
         if tracked is not None:
             run.save_figure(tracked, f"sensitivity_vs_step_{name}")
         run.summary({f"{name}/final_loss": result.final_loss, f"{name}/val_loss": result.val_loss,
                      f"{name}/train_seconds": result.seconds, f"{name}/steps": result.steps})
+
+
+def _is_comparison_row(row: dict) -> bool:
+    return "compare/k" in row
 
 
 def _load_trained(experiment: EpisodeExperiment, run: Run) -> None:
@@ -284,6 +292,8 @@ def execute(experiment: EpisodeExperiment, run: Run, *, resume: bool = False,
     wandb_native.declare_axes(run, list(experiment.train))
     if train:
         _train_all(experiment, run, resume)
+        if resume:  # a comparison cut short is run again in full
+            run.discard_rows(_is_comparison_row)
     else:
         _load_trained(experiment, run)
     comparison, report = _compare_and_report(experiment, run)

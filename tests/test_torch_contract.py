@@ -735,10 +735,13 @@ def test_maml_through_adam_at_eps_root_zero_has_a_finite_meta_gradient(name):
 # --- the README's training loop ----------------------------------------------------------------------------------------
 
 
-def test_the_readme_training_loop_runs():
+def test_the_readme_training_loop_runs(tmp_path, monkeypatch):
+    """The README's example as a user runs it: a scheduler and a checkpoint round trip, and the loss goes down."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("### A learned optimizer in your own training loop", 1)[1]
     code = section.split("```python", 1)[1].split("```", 1)[0]
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 (the documented example, as a user runs it)
-    assert namespace["resumed_state"] is not None
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "readme"}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    assert (tmp_path / "ckpt.pt").exists() and namespace["last"] < namespace["first"]
+    assert isinstance(namespace["opt"], torch.optim.Optimizer) and namespace["opt"].state

@@ -19,10 +19,13 @@ Adding a direction ``foo`` touches this file, ``transforms.py`` and a test:
    The kernel is optional: without one the direction runs everywhere, and the fast paths (``as_torch_optimizer``,
    :class:`~optimizers.LayerwiseMixture` without a graph) add its pure update instead, correct and slower.
    torch's private kernels are reached only through :mod:`optimizers._torch_kernels`.
-2. here: ``foo_direction(...)`` and the optimizer ``foo(lr, ...)`` chained from it (in ``__all__``), and the
-   entries in :data:`DIRECTIONS` and :data:`DEFAULT_BASE_LRS`, which is all :class:`~optimizers.LayerwiseMixture`
-   needs.
-3. the test: a case for ``foo`` against a reference in ``tests/test_optimizers.py``;
+2. here: ``foo_direction(...)`` and the optimizer ``foo(lr, ..., *, maximize=False)`` chained from it (in
+   ``__all__``), both decorated with ``@_rebuildable`` (so that ``as_torch_optimizer`` reads their rate and
+   options and rebuilds them with a param group's; name options as ``torch.optim`` does), and the entries in
+   :data:`DIRECTIONS` and :data:`DEFAULT_BASE_LRS`, which is all :class:`~optimizers.LayerwiseMixture` needs.
+   A ``None`` gradient must leave its state entries alone (``tree_update``) and give a ``None`` update.
+3. the test: a case for ``foo`` against a reference in ``tests/test_optimizers.py`` and a subject in
+   ``tests/test_torch_contract.py``;
    ``tests/test_inplace_kernels.py`` already checks every entry of :data:`DIRECTIONS`: its kernel against its
    pure update, and the mixture's fast path against its graph path.
 """

@@ -181,7 +181,7 @@ class LayerwiseMixture(nn.Module):
 
         def init(params: Params) -> LayerwiseMixtureState:
             self._check_keys(params, expected)
-            dtype = next(iter(params.values())).dtype
+            dtype = next(iter(params.values())).dtype if params else torch.get_default_dtype()
             return LayerwiseMixtureState(
                 count=torch.zeros((), dtype=torch.int64),
                 loss_ema=torch.zeros(len(self.loss_decays), dtype=dtype),
@@ -212,8 +212,10 @@ class LayerwiseMixture(nn.Module):
             return count, loss_ema, alpha, step
 
         def update(grads, state, params=None, *, loss=None):
-            count, loss_ema, alpha, step = coefficients(grads, state, params, loss)
             moving = present(grads)
+            if not moving:  # nothing moves, nothing advances
+                return dict.fromkeys(grads), state
+            count, loss_ema, alpha, step = coefficients(grads, state, params, loss)
             if not torch.is_grad_enabled() and all(
                 is_plain(t) for t in (step, *(grads[k] for k in moving), *params.values())
             ):
@@ -231,6 +233,8 @@ class LayerwiseMixture(nn.Module):
             return updates, new_state
 
         def apply_(targets, grads, state, params=None, *, loss=None, scale, workspace):
+            if not present(grads):
+                return state
             with torch.no_grad():
                 count, loss_ema, alpha, step = coefficients(grads, state, params, loss)
                 directions = self._mix_(targets, grads, state.directions, params, loss, step, scale, workspace)

@@ -71,13 +71,15 @@ def _advance(grads: Params, counts: Params) -> Params:
     return tree_update(lambda g, c: c + 1, grads, counts)
 
 
-def _sqrt(value: Tensor) -> Tensor:
-    """``sqrt(value)``; under autograd its gradient at 0 is 0 rather than inf.
+def _sqrt(value: Tensor, floor: Scalar = 0.0) -> Tensor:
+    """``sqrt(value)``; under autograd its gradient at 0 is 0 rather than inf, unless ``value >= floor > 0``.
 
     Where a gradient entry is exactly 0 the second moment is 0, and ``d sqrt(v)/dv = inf`` times ``dv/dg = 0``
     would make a meta-gradient NaN (MAML through Adam with ``eps_root = 0``). The value is the same to the bit.
+    A positive number ``floor`` (``eps_root``, Adagrad's initial accumulator) bounds ``value`` away from 0: then
+    the plain square root, which keeps no mask for the backward pass.
     """
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() or (isinstance(floor, float | int) and floor > 0):
         return torch.sqrt(value)
     zero = value == 0
     return torch.where(zero, 0.0, torch.sqrt(torch.where(zero, 1.0, value)))
@@ -241,7 +243,7 @@ def scale_by_adam(
         def direction(g: Tensor, m: Tensor, v: Tensor, c: Tensor) -> Tensor:
             correction2 = _bias_correction(b2, c, v)
             if isinstance(eps_root, Tensor) or eps_root != 0:
-                denom = _sqrt(v / correction2 + eps_root) + eps
+                denom = _sqrt(v / correction2 + eps_root, eps_root) + eps
             else:  # fewer passes over memory, and torch's exact expression
                 denom = _sqrt(v) / torch.sqrt(correction2) + eps
             return m / denom / _bias_correction(b1, c, m)
@@ -253,7 +255,8 @@ def scale_by_adam(
         del params, loss
         t, g, m, v, tmp, c, n = _columns(grads, targets, grads, state.mu, state.nu, workspace.like(grads), scale,
                                          state.count)
-        torch._foreach_add_(n, 1)
+        for count in n:
+            count.add_(1)
         kernels.adam_(t, g, m, v, tmp, scales=c, count=[int(k) for k in n], b1=float(b1), b2=float(b2),
                       eps=float(eps), eps_root=float(eps_root))
         return state
@@ -292,7 +295,7 @@ def scale_by_rms(
 
         def direction(g: Tensor, v: Tensor, k: str) -> Tensor:
             variance = v - mu[k] * mu[k] if centered else v
-            return g / (_sqrt(variance + eps_root) + eps)
+            return g / (_sqrt(variance + eps_root, eps_root) + eps)
 
         updates = {k: None if g is None else direction(g, nu[k], k) for k, g in grads.items()}
         return updates, ScaleByRmsState(nu=nu, mu=mu)
@@ -332,7 +335,7 @@ def scale_by_rss(eps: Scalar = 1e-10, *, initial_accumulator_value: Scalar = 0.0
     def update(grads, state, params=None, *, loss=None):
         del params, loss
         sos = tree_update(lambda g, s: s + g * g, grads, state.sum_of_squares)
-        updates = tree_map(lambda g, s: g / (_sqrt(s) + eps), grads, sos)
+        updates = tree_map(lambda g, s: g / (_sqrt(s, initial_accumulator_value) + eps), grads, sos)
         return updates, ScaleByRssState(sum_of_squares=sos)
 
     def apply_(targets, grads, state, params=None, *, loss=None, scale, workspace):
@@ -408,8 +411,7 @@ def maximize(transform: GradientTransformation) -> GradientTransformation:
         return transform.update(negated(grads), state, params, loss=None if loss is None else -loss)
 
     def apply_(targets, grads, state, params=None, *, loss=None, scale, workspace):
-        flipped = dict(zip(present(grads), torch._foreach_neg([grads[k] for k in present(grads)])))
-        return apply_in_place(transform, targets, {k: flipped.get(k) for k in grads}, state, params,
+        return apply_in_place(transform, targets, negated(grads), state, params,
                               loss=None if loss is None else -loss, scale=scale, workspace=workspace)
 
     if isinstance(transform.update, InPlaceUpdate):

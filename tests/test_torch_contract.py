@@ -732,7 +732,7 @@ def test_maml_through_adam_at_eps_root_zero_has_a_finite_meta_gradient(name):
     assert torch.isfinite(meta_grad).all() and meta_grad[0] != 0
 
 
-# --- the README's training loop ----------------------------------------------------------------------------------------
+# --- the README's training loop -------------------------------------------------------------------------------------
 
 
 def test_the_readme_training_loop_runs(tmp_path, monkeypatch):

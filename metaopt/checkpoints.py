@@ -10,6 +10,7 @@ free space; the previous checkpoint is left as it was.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import shutil
@@ -18,7 +19,9 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-__all__ = ["UnsafeCheckpointError", "WriteError", "load", "save", "writing"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["UnsafeCheckpointError", "WriteError", "latest", "load", "newest_readable", "save", "writing"]
 
 
 class UnsafeCheckpointError(ValueError):
@@ -40,6 +43,32 @@ def load(path: Path) -> dict[str, Any]:
             "tensors and containers only, so this file was written by something else or changed since: loading "
             "it as pickled Python could run code on this machine"
         ) from error
+
+
+def latest(directory: Path) -> Path | None:
+    """The checkpoint ``step_<N>.pt`` with the highest step in ``directory``, if any."""
+    found = sorted(directory.glob("step_*.pt")) if directory.exists() else []
+    return found[-1] if found else None
+
+
+def newest_readable(directory: Path, *, owner: str) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest checkpoint in ``directory`` that loads, and its contents; ``(None, None)`` if there is none.
+
+    A truncated or corrupt file is set aside as ``step_N.pt.corrupt`` (kept for inspection, with a warning
+    naming ``owner``) and the one before is tried; a file that would run code is refused, not skipped.
+    """
+    while (path := latest(directory)) is not None:
+        try:
+            return path, load(path)
+        except UnsafeCheckpointError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any unreadable file: keep it for inspection, try the next
+            aside = path.with_name(path.name + ".corrupt")
+            path.replace(aside)
+            reason = str(error).splitlines()[0] if str(error) else ""
+            logger.warning("%s: checkpoint %s does not load (%s: %s); kept as %s, trying the one before",
+                           owner, path, type(error).__name__, reason, aside.name)
+    return None, None
 
 
 def free_space(path: Path) -> str:

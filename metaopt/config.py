@@ -188,7 +188,7 @@ def _walk(raw: Any, marked: Any, resolved: Any) -> Any:
 
 
 def saved(config: DictConfig) -> dict[str, Any]:
-    """The config as it is written to the run folder and W&B: resolved, except what reads the environment.
+    """The config as W&B records it: resolved, except what reads the environment.
 
     A value that comes from ``${oc.env:...}`` (directly or through other interpolations) stays an
     interpolation, so a token or a password a recipe reads from the environment is never written to disk
@@ -200,8 +200,10 @@ def saved(config: DictConfig) -> dict[str, Any]:
 
 
 def to_yaml(config: DictConfig) -> str:
-    """The config as YAML, as :func:`saved` writes it (environment values left as interpolations)."""
-    return yaml.safe_dump(saved(config), sort_keys=False)
+    """The config as a run folder keeps it: interpolations as written, so that a resumed run re-reads
+    ``${oc.env:...}`` from its own environment (a secret is never written to disk) and shared values keep
+    the keys they come from (the recipe validates the same way again)."""
+    return OmegaConf.to_yaml(config, resolve=False)
 
 
 def plain(node: Any) -> Any:

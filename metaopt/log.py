@@ -55,7 +55,7 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _new_folder(parent: Path) -> Path:
+def new_folder(parent: Path) -> Path:
     """A fresh ``parent/<timestamp>`` folder, made exclusively: two runs started at once never share one."""
     parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -110,7 +110,7 @@ class Run:
         self.name = name
         self.config = dict(config)
         if path is None:
-            path = distributed.broadcast_object(_new_folder(Path(root) / name) if distributed.is_main() else None)
+            path = distributed.broadcast_object(new_folder(Path(root) / name) if distributed.is_main() else None)
         self.path = Path(path)
         self.writes = distributed.is_main()
         self._wandb = None
@@ -118,8 +118,7 @@ class Run:
         self._group, self._job_type = group, job_type
         if not self.writes:
             return
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        self.figure_dir.mkdir(parents=True, exist_ok=True)
+        self.figure_dir.mkdir(parents=True, exist_ok=True)  # checkpoints/ is made by the first checkpoint
         if wandb_mode != "disabled":
             self._start_wandb(wandb_mode, project, entity, tags or [])
 

@@ -227,19 +227,16 @@ class SweepPlan:
 def run_point(path: str | Path) -> str:
     """Run one prepared point folder: ``skipped`` (finished before), ``resumed`` (from checkpoints) or ``ran``.
 
-    A point whose recipe kind resumes (``episodes``) continues from its checkpoints, as ``metaopt resume``
-    does; one that cannot runs again from the start in its folder.
+    A point continues from its checkpoints, as ``metaopt resume`` does (every recipe kind resumes).
     """
-    from metaopt.pipelines import PIPELINES, load_run, run
+    from metaopt.pipelines import run
 
     path = Path(path)
     if (path / RESULTS_FILE).is_file():
         return "skipped"
-    config, _ = load_run(path)
-    resumable = PIPELINES[config.pipeline].resumable
     started = any((path / "checkpoints").rglob("step_*.pt"))
-    run(None, run_dir=path, resume=resumable)
-    return "resumed" if started and resumable else "ran"
+    run(None, run_dir=path, resume=True)
+    return "resumed" if started else "ran"
 
 
 def _run_queue(paths: Sequence[Path]) -> dict[str, str]:

@@ -303,11 +303,7 @@ class MetaTrainer:
             checkpoints.save(state, target)
         return target
 
-    @staticmethod
-    def latest_checkpoint(directory: Path) -> Path | None:
-        """The checkpoint with the highest step in a directory, if any."""
-        found = sorted(directory.glob("step_*.pt")) if directory.exists() else []
-        return found[-1] if found else None
+    latest_checkpoint = staticmethod(checkpoints.latest)
 
     def _load(self, path: Path) -> None:
         """Load a checkpoint on every rank: rank 0 reads it and sends it (no shared file system needed)."""
@@ -315,19 +311,7 @@ class MetaTrainer:
         self.load_state_dict(distributed.broadcast_object(state))
 
     def _newest_readable(self) -> tuple[Path | None, dict | None]:
-        """The newest checkpoint that loads; a truncated or corrupt one is set aside as ``step_N.pt.corrupt``."""
-        while (path := self.latest_checkpoint(self.checkpoint_dir)) is not None:
-            try:
-                return path, checkpoints.load(path)
-            except checkpoints.UnsafeCheckpointError:
-                raise  # not damage: a file that would run code is refused, not skipped
-            except Exception as error:  # noqa: BLE001 - any unreadable file: keep it for inspection, try the next
-                aside = path.with_name(path.name + ".corrupt")
-                path.replace(aside)
-                logger.warning("%s: checkpoint %s does not load (%s: %s); kept as %s, trying the one before",
-                               self.name, path, type(error).__name__, str(error).splitlines()[0] if str(error) else "",
-                               aside.name)
-        return None, None
+        return checkpoints.newest_readable(self.checkpoint_dir, owner=self.name)
 
     def resume(self) -> bool:
         """Load the newest readable checkpoint of this learner from the run folder; False if there is none.

@@ -46,10 +46,13 @@ def test_resume_continues_an_interrupted_run_and_compare_reuses_it(recipe, tmp_p
     (run_dir / "checkpoints" / "transformer" / "step_00000006.pt").unlink()
     assert main(["resume", str(run_dir)]) == 0
     assert (run_dir / "checkpoints" / "transformer" / "step_00000006.pt").exists()
-    before = json.loads((run_dir / "results.json").read_text())
+    record = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert main(["compare", str(run_dir), "compare.num_tasks=64"]) == 0
-    after = json.loads((run_dir / "results.json").read_text())
-    assert after["num_tasks"] == 64 and before["num_tasks"] == 32
+    (again,) = (run_dir / "compare").iterdir()  # a re-comparison has its own folder, config and results
+    assert json.loads((again / "results.json").read_text())["num_tasks"] == 64
+    assert "num_tasks: 64" in (again / "config.yaml").read_text()
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and again not in p.parents} == record
+    assert json.loads((run_dir / "results.json").read_text())["num_tasks"] == 32
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,8 @@ def test_tiny_run_writes_results_and_figures(tmp_path, capsys):
     (run_dir,) = (tmp_path / "specialized_optimizer").iterdir()
     results = json.loads((run_dir / "results.json").read_text())
     assert {p.name for p in (run_dir / "figures").iterdir()} == {"loss_curves.png", "coefficients.png"}
-    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"layerwise_mixture.pt", "per_parameter_mlp.pt"}
+    names = {"layerwise_mixture", "per_parameter_mlp"}  # final weights, and the meta-training checkpoints
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == names | {f"{n}.pt" for n in names}
     assert set(results["evaluation"]) == {"seen", "new_init", "unseen_wine"}
     seen_t = results["evaluation"]["seen"]["T"]
     assert seen_t["steps"] == 4 and results["evaluation"]["seen"]["2T"]["steps"] == 8
@@ -108,10 +109,55 @@ def test_a_learned_optimizer_of_the_users_own_is_meta_trained(tmp_path):
     assert "small_mlp" in results["evaluation"]["unseen_wine"]["2T"]["optimizers"]
 
 
-def test_an_optimizer_run_is_not_resumed_and_its_folder_is_left_alone(tmp_path):
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _without_timings(results: dict) -> dict:
+    return {**results, "meta_training": {name: {k: v for k, v in r.items() if k != "seconds"}
+                                         for name, r in results["meta_training"].items()}}
+
+
+def test_an_interrupted_optimizer_run_resumes_exactly(tmp_path, monkeypatch):
+    """Killed during meta-training (after the checkpoint at meta-step 2): resume ends as an uninterrupted run."""
+    from metaopt.log import Run
+
+    steps = [*TINY, "meta_train.steps=5", "meta_train.checkpoint_every=2"]
+    assert cli_main(["run", RECIPE, f"output_dir={tmp_path / 'whole'}", *steps]) == 0
+    (whole,) = (tmp_path / "whole" / "specialized_optimizer").iterdir()
+    real_log = Run.log
+
+    def crash_at_meta_step_3(self, metrics, step=None):
+        if metrics.get("layerwise_mixture/meta_step") == 3:
+            raise RuntimeError("simulated crash")
+        return real_log(self, metrics, step)
+
+    monkeypatch.setattr(Run, "log", crash_at_meta_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cli_main(["run", RECIPE, f"output_dir={tmp_path / 'cut'}", *steps])
+    monkeypatch.undo()
+    (cut,) = (tmp_path / "cut" / "specialized_optimizer").iterdir()
+    assert [p.name for p in (cut / "checkpoints" / "layerwise_mixture").iterdir()] == ["step_00000002.pt"]
+    assert cli_main(["resume", str(cut)]) == 0
+    expected, resumed = (json.loads((d / "results.json").read_text()) for d in (whole, cut))
+    assert _without_timings(resumed) == _without_timings(expected)
+    assert _rows(cut) == _rows(whole)
+    for name in ("layerwise_mixture", "per_parameter_mlp"):
+        a, b = (torch.load(d / "checkpoints" / f"{name}.pt", weights_only=True) for d in (whole, cut))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_recomparing_an_optimizer_run_writes_its_own_folder_and_leaves_the_run_alone(tmp_path):
     out = tmp_path / "runs"
     assert cli_main(["run", RECIPE, f"output_dir={out}", *TINY]) == 0
     (run_dir,) = (out / "specialized_optimizer").iterdir()
-    before = (run_dir / "config.yaml").read_text()
-    assert cli_main(["resume", str(run_dir), "meta_train.steps=99"]) == 2
-    assert (run_dir / "config.yaml").read_text() == before
+    record = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert cli_main(["compare", str(run_dir), "evaluation.seeds=2"]) == 0
+    assert {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*")
+            if p.is_file() and "compare" not in p.relative_to(run_dir).parts} == record
+    (again,) = (run_dir / "compare").iterdir()
+    original, recompared = (json.loads((d / "results.json").read_text()) for d in (run_dir, again))
+    assert recompared["meta_training"] == original["meta_training"]  # loaded, not trained again
+    assert recompared["tuned_learning_rates"] == original["tuned_learning_rates"]
+    assert "evaluation:\n  seeds: 2" in (again / "config.yaml").read_text()
+    assert not (again / "checkpoints").exists()

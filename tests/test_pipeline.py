@@ -50,7 +50,8 @@ def test_run_from_python_returns_what_results_json_holds(recipe, tmp_path):
     assert saved == json.loads(json.dumps(result.comparison.to_dict()))
     assert result.comparison.value("least_squares", 2) < 1e-4 and result.config.train.steps == 3
     again = run(None, ["compare.num_tasks=16"], run_dir=result.path, train=False)
-    assert again.path == result.path and again.comparison.num_tasks == 16
+    assert again.path.parent == result.path / "compare" and again.comparison.num_tasks == 16
+    assert json.loads((again.path / "results.json").read_text())["num_tasks"] == 16
 
 
 def test_a_loaded_config_runs_and_overrides_apply(recipe, tmp_path):
@@ -71,7 +72,7 @@ def test_evaluate_hooks_get_the_arguments_they_name(recipe, tmp_path):
 def test_pipeline_kinds_are_a_plain_mapping(recipe, tmp_path, monkeypatch):
     seen = {}
 
-    def execute(experiment, opened, *, resume, train):
+    def execute(experiment, opened, *, resume, train, trained):
         seen["experiment"] = experiment
         return {"done": True}, "echoed"
 

@@ -36,7 +36,7 @@ from metaopt.allocator import keep_freed_memory
 from metaopt.config import (
     CommonSettings, ConfigError, describe, find_recipe, merge, read_recipe, saved, settings, to_yaml,
 )
-from metaopt.log import CONFIG_FILE, Run
+from metaopt.log import CONFIG_FILE, Run, new_folder
 from metaopt.pipelines import episodes, optimizer
 from metaopt.runtime import check_precision, resolve_device
 from metaopt.seeds import SeedPlan
@@ -50,23 +50,23 @@ logger = logging.getLogger("metaopt")
 class Pipeline:
     """One kind of experiment: its recipe schema and its three steps.
 
-    ``execute(experiment, run, *, resume, train)`` returns ``(results, report)``: what the run produced and a
-    plain-text report (the tables the CLI prints). ``resumable`` says whether ``resume`` and re-comparing
-    an existing run folder make sense for the kind.
+    ``execute(experiment, run, *, resume, train, trained)`` returns ``(results, report)``: what the run produced
+    and a plain-text report (the tables the CLI prints); ``trained`` is the run folder whose checkpoints hold
+    the trained components (with ``train=False``, ``run`` is a fresh ``compare/<time>/`` folder inside it).
     """
 
     schema: type
     validate: Callable[[DictConfig, str], None]
     build: Callable[[DictConfig], Any]
     execute: Callable[..., tuple[dict[str, Any], str]]
-    resumable: bool = True
 
 
 PIPELINES: dict[str, Pipeline] = {
     "episodes": Pipeline(episodes.EpisodeRecipe, episodes.validate, episodes.build, episodes.execute),
-    "optimizer": Pipeline(optimizer.OptimizerRecipe, optimizer.validate, optimizer.build, optimizer.execute,
-                          resumable=False),
+    "optimizer": Pipeline(optimizer.OptimizerRecipe, optimizer.validate, optimizer.build, optimizer.execute),
 }
+COMPARE_DIR = "compare"
+"""Where ``metaopt compare RUN`` writes inside the run folder: ``RUN/compare/<time>/``."""
 LEGACY_KINDS = {"learners": "episodes"}  # run folders made before the pipeline kinds were named
 
 
@@ -163,9 +163,13 @@ def build(config: DictConfig) -> Any:
     return PIPELINES[config.pipeline].build(config)
 
 
-def _open_run(config: DictConfig, path: Path | None, job_type: str = "train") -> Run:
-    run = Run.open(config.name, saved(config), config.wandb,
-                   root=config.output_dir, path=path, job_type=job_type)
+def _open_run(config: DictConfig, path: Path | None, train: bool) -> Run:
+    """The run folder written into: a new one, the run's own (training, resuming), or a new
+    ``compare/<time>/`` inside it for a re-comparison, so that the run's own record stays as it was."""
+    if not train:
+        path = distributed.broadcast_object(new_folder(path / COMPARE_DIR) if distributed.is_main() else None)
+    run = Run.open(config.name, saved(config), config.wandb, root=config.output_dir, path=path,
+                   job_type="train" if train else "compare")
     run.write_config(to_yaml(config))
     return run
 
@@ -204,9 +208,6 @@ def run(
         raise ConfigError("run needs a recipe (a name, a YAML path or a loaded config) or a run_dir")
     if (resume or not train) and path is None:
         raise ConfigError("resume=True and train=False need run_dir, the folder of the run to continue")
-    if (resume or not train) and not PIPELINES[config.pipeline].resumable:
-        raise ConfigError(f"{config.pipeline!r} recipes run in one go: resume and re-compare are not supported; "
-                          "start a new run with `metaopt run`")
     try:
         device = resolve_device(config.device)
         check_precision(config.precision, device)
@@ -220,9 +221,10 @@ def run(
             logger.info("distributed run: %d processes (%s)", current.size, distributed.backend())
         experiment = build(_on(config, device))
         keep_freed_memory()  # large activations reuse freed memory instead of fresh pages (metaopt/allocator.py)
-        with _open_run(config, path, "train" if train else "compare") as opened:
+        with _open_run(config, path, train) as opened:
             logger.info("run folder: %s", opened.path)
-            results, report = PIPELINES[config.pipeline].execute(experiment, opened, resume=resume, train=train)
+            results, report = PIPELINES[config.pipeline].execute(experiment, opened, resume=resume, train=train,
+                                                                 trained=path)
         distributed.barrier()  # no rank leaves (and tears the group down) while another still writes
     return RunResult(opened.path, config, results, report)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -242,12 +243,12 @@ def _is_comparison_row(row: dict) -> bool:
     return "compare/k" in row
 
 
-def _load_trained(experiment: EpisodeExperiment, run: Run) -> None:
-    """Load each trainable learner's final checkpoint from a finished run."""
+def _load_trained(experiment: EpisodeExperiment, trained: Path) -> None:
+    """Load each trainable learner's final checkpoint from the run folder ``trained``."""
     for name in experiment.train:
-        path = MetaTrainer.latest_checkpoint(run.checkpoint_dir / name)
+        path = MetaTrainer.latest_checkpoint(trained / "checkpoints" / name)
         if path is None:
-            raise ConfigError(f"{run.path} has no checkpoint for learner {name!r}; run `metaopt resume {run.path}`")
+            raise ConfigError(f"{trained} has no checkpoint for learner {name!r}; run `metaopt resume {trained}`")
         state = checkpoints.load(path)["learner"]
         experiment.learners[name].load_state_dict(state)
 
@@ -286,16 +287,17 @@ def _evaluate(experiment: EpisodeExperiment, run: Run) -> dict[str, Any]:
     return results
 
 
-def execute(experiment: EpisodeExperiment, run: Run, *, resume: bool = False,
-            train: bool = True) -> tuple[dict[str, Any], str]:
-    """Train (or load), compare and evaluate; returns ``{"comparison": ..., "evaluations": ...}`` and the report."""
+def execute(experiment: EpisodeExperiment, run: Run, *, resume: bool = False, train: bool = True,
+            trained: Path | None = None) -> tuple[dict[str, Any], str]:
+    """Train (or load from ``trained``, a run folder), compare and evaluate; returns
+    ``{"comparison": ..., "evaluations": ...}`` and the report."""
     wandb_native.declare_axes(run, list(experiment.train))
     if train:
         _train_all(experiment, run, resume)
         if resume:  # a comparison cut short is run again in full
             run.discard_rows(_is_comparison_row)
     else:
-        _load_trained(experiment, run)
+        _load_trained(experiment, trained or run.path)
     comparison, report = _compare_and_report(experiment, run)
     wandb_native.log_comparison(run, comparison)
     if train:

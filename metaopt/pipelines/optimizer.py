@@ -24,12 +24,14 @@ steps gives both horizons. Seeds come from the run's :class:`metaopt.seeds.SeedP
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import optimizers as O
-from metaopt import wandb_native
+from metaopt import checkpoints, wandb_native
 from metaopt.checks import positive_float, positive_int, sequence_of
 from metaopt.config import (
     CommonSettings, ConfigError, build_instance, check_spec, import_target, instantiate, plain, settings,
@@ -104,9 +106,11 @@ class MetaTrainSettings:
     lr: float = 1e-2
     grad_clip: float = 1.0
     tuned_base_lrs: bool = True  # learned optimizers taking base_lrs get the baselines' tuned learning rates
+    checkpoint_every: int = 25  # meta-steps between checkpoints (PES: the first step after, between inner runs)
 
     def __post_init__(self) -> None:
         positive_int("steps", self.steps, owner=type(self).__name__)
+        positive_int("checkpoint_every", self.checkpoint_every, owner=type(self).__name__)
         positive_float("lr", self.lr, owner=type(self).__name__)
         positive_float("grad_clip", self.grad_clip, owner=type(self).__name__)
 
@@ -270,32 +274,60 @@ def meta_train(
     grad_clip: float,
     generator: torch.Generator,
     log: Callable[[dict[str, float]], None] = lambda metrics: None,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int = 25,
 ) -> list[float]:
     """Meta-train ``module``'s parameters with Adam on ``estimator``'s gradients; returns the finite meta-losses.
 
     An estimate with a non-finite loss or gradient (a perturbed inner run diverged) is logged and skipped.
+    With ``checkpoint_dir``, the module, the outer Adam, the generator and the losses are saved every
+    ``checkpoint_every`` meta-steps (``step_<N>.pt``), and a call finding checkpoints there continues from the
+    newest one exactly. A PES estimator's inner runs in flight are not saved: it checkpoints at the first due
+    step where its runs are complete, so resuming starts new runs as the uninterrupted run does.
     """
     outer = torch.optim.Adam(module.parameters(), lr=lr)
-    losses = []
-    for step in range(steps):
+    losses: list[float] = []
+    done = 0
+    if checkpoint_dir is not None:
+        path, state = checkpoints.newest_readable(checkpoint_dir, owner=checkpoint_dir.name)
+        if state is not None:
+            module.load_state_dict(state["module"])
+            outer.load_state_dict(state["outer"])
+            generator.set_state(state["generator"])
+            losses, done = list(state["losses"]), int(state["step"])
+            logger.info("resumed meta-training of %s from %s (meta-step %d)", checkpoint_dir.name, path, done)
+    due = done + checkpoint_every
+    for step in range(done, steps):
         # 1. estimate the meta-gradient at the current meta-parameters
         meta = {k: v.detach() for k, v in module.named_parameters()}
         estimate = estimator.estimate(environment, module.optimizer, meta, generator=generator)
         # 2. skip estimates spoiled by a diverged inner run; otherwise clip and step
         finite = math.isfinite(estimate.loss) and all(torch.isfinite(g).all() for g in estimate.grads.values())
         log({"meta_step": step, "meta_loss": estimate.loss, "skipped": float(not finite), **estimate.metrics})
-        if not finite:
-            continue
-        for name, p in module.named_parameters():
-            p.grad = estimate.grads[name].to(p.dtype)
-        torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
-        outer.step()
-        losses.append(estimate.loss)
+        if finite:
+            for name, p in module.named_parameters():
+                p.grad = estimate.grads[name].to(p.dtype)
+            torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+            outer.step()
+            losses.append(estimate.loss)
+        if checkpoint_dir is not None and (step + 1 >= due or step + 1 == steps) and _between_runs(estimator,
+                                                                                                 environment):
+            checkpoints.save({"module": module.state_dict(), "outer": outer.state_dict(),
+                              "generator": generator.get_state(), "losses": losses, "step": step + 1},
+                             checkpoint_dir / f"step_{step + 1:08d}.pt")
+            due = step + 1 + checkpoint_every
     if not losses:
         raise RuntimeError(f"every one of {steps} meta-gradient estimates was non-finite; lower "
                            "meta_train.estimator.sigma "
                            "or the base learning rates")
     return losses
+
+
+def _between_runs(estimator: O.GradientEstimator, environment: Environment) -> bool:
+    """Whether the estimator holds no inner run in progress (only PES carries runs across calls)."""
+    if not isinstance(estimator, O.PES):
+        return True
+    return estimator.step in (0, estimator.steps or environment.horizon)
 
 
 def _layers(environment: Environment) -> dict[str, list[str]]:
@@ -360,11 +392,15 @@ def _plot_coefficients(alphas: torch.Tensor, layers: list[str], directions: list
 
 
 # ---------------------------------------------------------------------- the pipeline
-def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False,
-            train: bool = True) -> tuple[dict[str, Any], str]:
+def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False, train: bool = True,
+            trained: Path | None = None) -> tuple[dict[str, Any], str]:
     """Run the whole experiment into ``run``; returns the results (also written to ``results.json``) and the
-    report. The pipeline is not resumable (``metaopt.pipelines`` refuses ``resume`` and re-comparing)."""
-    del resume, train
+    report.
+
+    ``resume`` continues each learned optimizer's meta-training from its newest checkpoint (a finished one is
+    not trained again); ``train=False`` loads the meta-trained optimizers of the run folder ``trained`` and
+    evaluates again. Tuning the baselines is deterministic (the seed plan), so it is simply repeated.
+    """
     seeds, m, ev = experiment.seeds, experiment.meta_train, experiment.evaluation
     environments = experiment.environments
     first = next(iter(environments.values()))
@@ -384,15 +420,22 @@ def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False,
     tuned = {name: s.best for name, s in searches.items()} if m.tuned_base_lrs else None
     learned = {name: _build_learned(name, spec, first, tuned) for name, spec in experiment.learned.items()}
     meta_results = {}
-    for index, (name, module) in enumerate(learned.items()):
+    if not train:
+        meta_results = _load_meta_trained(learned, trained)
+    for index, (name, module) in enumerate(learned.items() if train else ()):
         start = time.perf_counter()
+        if resume:  # the rows of meta-steps after the checkpoint are logged again
+            key, done = f"{name}/meta_step", _checkpointed_step(run, name)
+            run.discard_rows(lambda row: row.get(key, -1) >= done)
         losses = meta_train(module, first, experiment.estimator(), steps=m.steps, lr=m.lr, grad_clip=m.grad_clip,
                             generator=generator(seeds.meta_training(index)),
-                            log=lambda metrics, name=name: run.log({f"{name}/{k}": v for k, v in metrics.items()}))
+                            log=lambda metrics, name=name: run.log({f"{name}/{k}": v for k, v in metrics.items()}),
+                            checkpoint_dir=run.checkpoint_dir / name if run.writes else None,
+                            checkpoint_every=m.checkpoint_every)
         meta_results[name] = {"first_meta_loss": losses[0], "last_meta_loss": losses[-1],
                               "seconds": time.perf_counter() - start, "meta_steps": m.steps}
         if run.writes:
-            torch.save(module.state_dict(), run.checkpoint_dir / f"{name}.pt")
+            checkpoints.save(module.state_dict(), run.checkpoint_dir / f"{name}.pt")
         logger.info("meta-trained %s: meta-loss %.4f -> %.4f", name, losses[0], losses[-1])
 
     # 3. evaluation: every optimizer on every environment for `long` steps, mean over fresh seeds
@@ -438,6 +481,24 @@ def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False,
                  for env, by_h in evaluation.items() for h, rows in by_h.items()
                  for name, r in rows["optimizers"].items()})
     return results, f"{format_table(results)}\n\nresults: {run.path / 'results.json'}\nfigures: {run.figure_dir}"
+
+
+def _checkpointed_step(run: Run, name: str) -> int:
+    """The meta-step the newest checkpoint of learned optimizer ``name`` continues from (0: none)."""
+    path = checkpoints.latest(run.checkpoint_dir / name)
+    return int(path.stem.split("_")[1]) if path is not None else 0
+
+
+def _load_meta_trained(learned: dict[str, nn.Module], trained: Path) -> dict[str, Any]:
+    """Load each learned optimizer's final weights from the run folder ``trained``; its meta-training record."""
+    for name, module in learned.items():
+        path = trained / "checkpoints" / f"{name}.pt"
+        if not path.is_file():
+            raise ConfigError(f"{trained} has no meta-trained {name!r} ({path} is missing); continue the run with "
+                              f"`metaopt resume {trained}`")
+        module.load_state_dict(checkpoints.load(path))
+    results = trained / "results.json"
+    return json.loads(results.read_text()).get("meta_training", {}) if results.is_file() else {}
 
 
 def _horizon_results(curves: dict[str, torch.Tensor], horizons: dict[str, int], reference: str) -> dict[str, Any]:

@@ -249,3 +249,36 @@ def test_resume_after_a_crash_during_the_comparison_logs_its_rows_once(recipe, t
     monkeypatch.undo()
     assert main(["resume", str(run_dir)]) == 0
     assert _rows(run_dir) == reference
+
+
+def test_kill_9_between_checkpoints_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """SIGKILL (no handler runs) once the first checkpoint is on disk: resume ends where an uninterrupted run does."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = tmp_path / "long.yaml"
+    train = {**TINY["train"], "steps": 400, "checkpoint_every": 40, "val_every": 100, "log_every": 20}
+    recipe.write_text(yaml.safe_dump({**TINY, "threads": 1, "train": train}))  # one thread: the same sums in both
+    whole = _trained_run(recipe, tmp_path / "whole")
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "metaopt", "run", str(recipe), f"output_dir={out}",
+                                "wandb.mode=disabled"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("tiny/*/checkpoints/transformer/step_*.pt")) and process.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    (run_dir,) = (out / "tiny").iterdir()
+    assert not (run_dir / "results.json").exists(), "the run finished before it was killed; lengthen it"
+    assert main(["resume", str(run_dir)]) == 0
+    final = "checkpoints/transformer/step_00000400.pt"
+    a, b = (torch.load(d / final, weights_only=True) for d in (whole, run_dir))
+    assert all(torch.equal(a["learner"][k], b["learner"][k]) for k in a["learner"])
+    assert all(torch.equal(x, y) for x, y in zip(a["streams"], b["streams"]))
+    assert json.loads((run_dir / "results.json").read_text()) == json.loads((whole / "results.json").read_text())
+    assert _rows(run_dir) == _rows(whole)

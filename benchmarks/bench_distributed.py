@@ -236,7 +236,7 @@ def _launch(processes: int, spec: dict) -> dict:
         if done.returncode != 0:
             raise RuntimeError(f"the {processes}-process worker failed with exit code {done.returncode}:\n"
                                f"{done.stderr[-3000:]}")
-        return torch.load(out, weights_only=False)
+        return torch.load(out, weights_only=True)
 
 
 def _processes_available(device: str) -> int:

@@ -5,8 +5,9 @@ This package imports only torch. Everything in ``alias.__all__`` and ``transform
 new optimizer or direction (see :mod:`optimizers.alias`) needs no edit of this file.
 """
 
-from optimizers import alias, transforms
+from optimizers import alias, averaging, transforms
 from optimizers.alias import *  # noqa: F403 (the optimizers and their directions: alias.__all__)
+from optimizers.averaging import *  # noqa: F403 (iterate averaging: averaging.__all__)
 from optimizers.base import (
     EmptyState,
     GradientTransformation,
@@ -83,3 +84,4 @@ __all__ = [
 ]
 __all__ += alias.__all__
 __all__ += transforms.__all__
+__all__ += averaging.__all__

@@ -33,7 +33,9 @@ from optimizers.estimators import (
     GradientEstimator,
     TruncatedBackprop,
 )
+from optimizers.layers import layer_groups, layer_kinds, match_layers
 from optimizers.learned import LayerwiseMixture, LayerwiseMixtureState, PerParameterMLP, PerParameterMLPState
+from optimizers.saving import learned_optimizer_file, load, load_learned, read, save
 from optimizers.schedules import (
     constant_schedule,
     cosine_decay_schedule,
@@ -77,7 +79,15 @@ __all__ = [
     "cosine_decay_schedule",
     "identity",
     "join_schedules",
+    "layer_groups",
+    "layer_kinds",
+    "learned_optimizer_file",
     "linear_schedule",
+    "load",
+    "load_learned",
+    "match_layers",
+    "read",
+    "save",
     "tree_map",
     "tree_update",
     "warmup_cosine_decay_schedule",

@@ -3,15 +3,17 @@
 ``module.optimizer()`` is a :class:`GradientTransformation` like any other (so ``as_torch_optimizer`` takes it);
 ``module.optimizer(meta_params)`` runs the same rule on explicitly given meta-parameters through
 ``torch.func.functional_call``, for meta-gradients with ``torch.func`` or for evolution-strategy perturbations.
-Both need ``update(grads, state, params)``; :class:`LayerwiseMixture` also needs ``loss=`` unless static. A
-``None`` gradient leaves its parameter and its state alone. Through ``as_torch_optimizer`` a param group's ``lr``
-multiplies the learned step (1, the default, is the rule as meta-trained); see ``docs/torch_optim.md``.
+Both need ``update(grads, state, params)``; :class:`LayerwiseMixture` also needs ``loss=`` unless static or built
+with ``missing_loss="estimate"``. A ``None`` gradient leaves its parameter and its state alone. Through
+``as_torch_optimizer`` a param group's ``lr`` multiplies the learned step (1, the default, is the rule as
+meta-trained); see ``docs/torch_optim.md``. :mod:`optimizers.saving` writes a trained one to a single file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +34,7 @@ from optimizers.base import (
     tree_update,
     zeros_like_tree,
 )
+from optimizers.layers import KINDS, layer_groups, layer_kind, layer_kinds
 
 __all__ = [
     "LayerwiseMixture",
@@ -66,7 +69,8 @@ class LayerwiseMixtureState(NamedTuple):
     count: Tensor  # int64 [], updates done so far
     loss_ema: Tensor  # [len(loss_decays)] EMAs of the training loss (not bias-corrected), parameter dtype
     directions: tuple  # the base directions' own states, in the order of ``directions``
-    coefficients: Tensor  # [layers, directions] the α used by the last update (zeros before the first)
+    coefficients: Tensor  # [layers, directions] the α used by the last update (zeros before the first); layers
+    # are the mixture's, then those a param group adds by kind (see LayerwiseMixture.optimizer)
 
 
 class LayerwiseMixture(nn.Module):
@@ -91,6 +95,11 @@ class LayerwiseMixture(nn.Module):
         direction_kwargs: hyper-parameters of the base directions by name, e.g. ``{"adam": {"eps_root": 1e-16}}``;
             meta-training needs ``eps_root > 0`` on Adam and RMSProp when some gradient entries are exactly zero,
             otherwise ``d sqrt(v) / dv`` at ``v = 0`` makes the meta-gradient NaN.
+        layer_kinds: each layer's kind (:mod:`optimizers.layers`); with them, parameters the mixture has no
+            layer for take the coefficients of its last layer of the same kind (see :meth:`optimizer`).
+            :meth:`for_parameters` sets layers and kinds from a model's parameters.
+
+    ``arguments`` holds the constructor's arguments as plain data (what :func:`optimizers.save` writes).
     """
 
     def __init__(
@@ -106,6 +115,7 @@ class LayerwiseMixture(nn.Module):
         hidden: int = 32,
         loss_decays: Sequence[float] = (0.9, 0.99),
         direction_kwargs: Mapping[str, Mapping[str, object]] | None = None,
+        layer_kinds: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         groups = dict(layers) if isinstance(layers, Mapping) else {name: [name] for name in layers}
@@ -130,7 +140,13 @@ class LayerwiseMixture(nn.Module):
         if any(not 0.0 < lrs[d] for d in directions) or any(not 0.0 < d < 1.0 for d in loss_decays):
             raise ValueError(f"base_lrs must be > 0 and loss_decays in (0, 1); got {lrs!r} and {list(loss_decays)!r}")
 
+        kinds_ok = layer_kinds is None or (set(layer_kinds) == set(groups) and set(layer_kinds.values()) <= set(KINDS))
+        if not kinds_ok:
+            raise ValueError(f"layer_kinds must give each layer {list(groups)!r} one of the kinds {list(KINDS)}; "
+                             f"got {dict(layer_kinds)!r}")
+
         self.layer_names = list(groups)
+        self.layer_kinds = None if layer_kinds is None else [layer_kinds[layer] for layer in groups]
         self.direction_names = list(directions)
         self.static = static
         self.horizon = horizon
@@ -143,6 +159,15 @@ class LayerwiseMixture(nn.Module):
             )
         self._directions = [DIRECTIONS[d](**direction_kwargs.get(d, {})) for d in directions]
         self._workspace = Workspace()  # temporaries of the no-grad update
+        self._warned_past_horizon = False
+        self.arguments: dict[str, Any] = {
+            "layers": {layer: list(ks) for layer, ks in groups.items()}, "horizon": horizon,
+            "directions": list(directions), "base_lrs": {d: float(lrs[d]) for d in directions},
+            "initial": {d: float(v) for d, v in initial.items()}, "static": bool(static),
+            "embedding_dim": int(embedding_dim), "hidden": int(hidden), "loss_decays": list(self.loss_decays),
+            "direction_kwargs": {d: dict(kw) for d, kw in direction_kwargs.items()},
+            "layer_kinds": None if layer_kinds is None else dict(layer_kinds),
+        }
         self.base_lrs = tuple(float(lrs[d]) for d in directions)  # fixed, kept in float64 precision
         alpha0 = torch.tensor([initial.get(d, 0.0) for d in directions]).repeat(len(groups), 1)
         if static:
@@ -155,48 +180,82 @@ class LayerwiseMixture(nn.Module):
             nn.init.zeros_(self.mlp[-1].weight)
             nn.init.zeros_(self.mlp[-1].bias)
 
+    @classmethod
+    def for_parameters(
+        cls, params: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], **kwargs: Any
+    ) -> LayerwiseMixture:
+        """A mixture with one layer per module of ``params`` (``model.named_parameters()``) and the layers' kinds,
+        by the rule of :mod:`optimizers.layers`; ``kwargs`` go to the constructor."""
+        params = dict(params)
+        groups = layer_groups(params)
+        return cls(groups, layer_kinds=layer_kinds(params, groups), **kwargs)
+
     @property
     def num_features(self) -> int:
         """Training-state features per layer: progress, loss EMAs, log gradient norm, log weight norm."""
         return 1 + len(self.loss_decays) + 2
 
-    def forward(self, features: Tensor) -> Tensor:
-        """Coefficients ``α`` of shape [layers, directions] from training-state features [layers, num_features]."""
+    def forward(self, features: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Coefficients ``α`` of shape [layers, directions] from training-state features [layers, num_features].
+
+        ``rows`` [layers]: the mixture layer whose coefficients each row takes (default: row ``l`` is layer ``l``).
+        """
         if self.static:
-            return self.alpha
-        return self.alpha0 + self.mlp(torch.cat([self.embedding, features.to(self.embedding.dtype)], dim=-1))
+            return self.alpha if rows is None else self.alpha[rows]
+        embedding, alpha0 = (self.embedding, self.alpha0) if rows is None else (self.embedding[rows], self.alpha0[rows])
+        return alpha0 + self.mlp(torch.cat([embedding, features.to(embedding.dtype)], dim=-1))
 
     def optimizer(
-        self, meta_params: Mapping[str, Tensor] | None = None, *, names: Sequence[str] | None = None
+        self, meta_params: Mapping[str, Tensor] | None = None, *, names: Sequence[str] | None = None,
+        missing_loss: str = "error",
     ) -> GradientTransformation:
         """The functional optimizer; with ``meta_params`` (from ``named_parameters``) it uses those instead.
 
-        ``names``: the parameters it steps, whole layers of this mixture (default: every layer).
-        ``as_torch_optimizer`` passes each param group's, so the layers can be spread over groups and added later.
-        ``update`` is an :class:`~optimizers.base.InPlaceUpdate`, whose in-place step ``as_torch_optimizer`` uses;
-        without a graph, ``update`` itself takes the same path on a copy of the state (see :meth:`_mix_`).
+        ``names``: the parameters it steps (default: every layer of this mixture). ``as_torch_optimizer`` passes
+        each param group's, so the layers can be spread over groups and added later. A layer of the mixture is
+        stepped whole; parameters it has no layer for form layers by :func:`optimizers.layers.layer_groups`, each
+        taking the coefficients of the mixture's last layer of the same kind (this needs ``layer_kinds``; the
+        kinds are read from the shapes at ``init``). ``missing_loss``: ``"error"`` refuses an update without the
+        training loss; ``"estimate"`` holds the loss features at their running estimate, the bias-corrected
+        moving averages of the losses given so far (0 before the first), as if the step's loss were that
+        estimate. ``update`` is an :class:`~optimizers.base.InPlaceUpdate`, whose in-place step
+        ``as_torch_optimizer`` uses; without a graph, ``update`` itself takes the same path on a copy of the state
+        (see :meth:`_mix_`). That in-place step warns once when it goes past ``horizon``.
         """
+        if missing_loss not in ("error", "estimate"):
+            raise ValueError(f"missing_loss must be 'error' or 'estimate'; got {missing_loss!r}")
         decays = torch.tensor(self.loss_decays, dtype=torch.float64)
-        expected = self._steps(names)
+        expected, extra = self._steps(names)
+        layers = len(self.layer_names) + len(extra)
+        layer_of = {**self._layer_of,
+                    **{k: len(self.layer_names) + i for i, ks in enumerate(extra.values()) for k in ks}}
+        mapped: list[Tensor] = []  # the rows of the added layers, fixed by their shapes at the first init
+
+        def rows(params: Params) -> Tensor | None:
+            if extra and not mapped:
+                mapped.append(torch.tensor([*range(len(self.layer_names)), *self._rows_by_kind(extra, params)]))
+            return mapped[0] if extra else None
 
         def init(params: Params) -> LayerwiseMixtureState:
             self._check_keys(params, expected)
+            rows(params)
             dtype = next(iter(params.values())).dtype if params else torch.get_default_dtype()
             return LayerwiseMixtureState(
                 count=torch.zeros((), dtype=torch.int64),
                 loss_ema=torch.zeros(len(self.loss_decays), dtype=dtype),
                 directions=tuple(d.init(params) for d in self._directions),
-                coefficients=torch.zeros(len(self.layer_names), len(self.direction_names), dtype=dtype),
+                coefficients=torch.zeros(layers, len(self.direction_names), dtype=dtype),
             )
 
         def coefficients(grads, state, params, loss) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             """``(count, loss_ema, α, -α η)`` of this update; ``α`` and ``-α η`` are [layers, directions]."""
             if params is None:
                 raise ValueError("LayerwiseMixture needs params (a feature); call update(grads, state, params)")
-            if loss is None and not self.static:  # the loss moving averages are features
+            if loss is None and not self.static and missing_loss == "error":  # the loss moving averages are features
                 raise ValueError(
                     "LayerwiseMixture needs the training loss: call update(..., loss=loss); through "
-                    "as_torch_optimizer, step(loss=loss) or step(closure) with a closure that returns the loss"
+                    "as_torch_optimizer, step(loss=loss) or step(closure) with a closure that returns the loss "
+                    "(or build it with optimizer(missing_loss='estimate') to use the running estimate)"
                 )
             grads = {k: grads[k] for k in present(grads)}
             like = next(iter(grads.values()))
@@ -204,10 +263,15 @@ class LayerwiseMixture(nn.Module):
             loss_ema, features = state.loss_ema, like.new_zeros(())  # a static mixture reads no features
             if not self.static:
                 rates = decays.to(like.dtype)
+                if loss is None:  # a step at the current estimate leaves the bias-corrected averages where they are
+                    done = (1.0 - rates ** state.count.to(like.dtype)).clamp_min(torch.finfo(like.dtype).tiny)
+                    loss = loss_ema / done
                 loss_ema = rates * loss_ema + (1.0 - rates) * loss
                 ema_hat = loss_ema / (1.0 - rates ** count.to(like.dtype))
-                features = self._features(grads, params, count, ema_hat)
-            alpha = _call(self, meta_params, features).to(like.dtype)
+                features = self._features(grads, params, count, ema_hat, layer_of, layers)
+            extra_rows = rows(params)
+            alpha = (_call(self, meta_params, features) if extra_rows is None
+                     else _call(self, meta_params, features, extra_rows)).to(like.dtype)
             step = -alpha * torch.tensor(self.base_lrs, dtype=like.dtype, device=like.device)
             return count, loss_ema, alpha, step
 
@@ -221,12 +285,12 @@ class LayerwiseMixture(nn.Module):
             ):
                 updates = {k: torch.zeros_like(grads[k]) for k in moving}
                 directions = self._mix_(updates, grads, _clone(state.directions), params, loss, step,
-                                        dict.fromkeys(moving, 1.0), self._workspace)
+                                        dict.fromkeys(moving, 1.0), self._workspace, layer_of)
                 return {k: updates.get(k) for k in grads}, LayerwiseMixtureState(count, loss_ema, directions, alpha)
             outs = [d.update(grads, s, params, loss=loss) for d, s in zip(self._directions, state.directions)]
             updates = {
                 k: None if grads[k] is None
-                else sum(step[self._layer_of[k], b] * out[0][k] for b, out in enumerate(outs))
+                else sum(step[layer_of[k], b] * out[0][k] for b, out in enumerate(outs))
                 for k in grads
             }
             new_state = LayerwiseMixtureState(count, loss_ema, tuple(out[1] for out in outs), alpha.detach())
@@ -237,22 +301,37 @@ class LayerwiseMixture(nn.Module):
                 return state
             with torch.no_grad():
                 count, loss_ema, alpha, step = coefficients(grads, state, params, loss)
-                directions = self._mix_(targets, grads, state.directions, params, loss, step, scale, workspace)
+                directions = self._mix_(targets, grads, state.directions, params, loss, step, scale, workspace,
+                                        layer_of)
+            self._warn_past_horizon(count)
             return LayerwiseMixtureState(count, loss_ema, directions, alpha)
 
         return GradientTransformation(
-            init, InPlaceUpdate(update, apply_), Hyperparameters(self.optimizer, {"meta_params": meta_params,
-                                                                                  "names": names})
+            init, InPlaceUpdate(update, apply_),
+            Hyperparameters(self.optimizer, {"meta_params": meta_params, "names": names, "missing_loss": missing_loss}),
         )
 
-    def _features(self, grads: Params, params: Params, count: Tensor, ema_hat: Tensor) -> Tensor:
+    def _warn_past_horizon(self, count: Tensor) -> None:
+        """Once per mixture: the in-place step (a plain training loop) went past the meta-training horizon."""
+        if self.static or self._warned_past_horizon or int(count) <= self.horizon:
+            return
+        self._warned_past_horizon = True
+        warnings.warn(
+            f"LayerwiseMixture: step {int(count)} is past the horizon T={self.horizon} it was meta-trained for. Its "
+            "progress feature t/T now exceeds 1, which meta-training never showed it: the coefficient MLP "
+            "extrapolates (nothing is clamped), so the rule may drift from what was learned. To run the learned "
+            f"schedule over N steps instead, load it with optimizers.load(..., horizon=N), or meta-train at N.",
+            UserWarning, stacklevel=7,  # the caller of optimizer.step(), past the adapter and torch's hooks
+        )
+
+    def _features(self, grads: Params, params: Params, count: Tensor, ema_hat: Tensor, layer_of: Mapping[str, int],
+                  layers: int) -> Tensor:
         """[layers, num_features]: t/T, symlog loss EMAs, log gradient norm, log weight norm of each layer."""
-        layers = len(self.layer_names)
         like = next(iter(grads.values()))
         # BLAS dot products without a graph: a memory-bound pass each, about 2.5x faster than torch's norm kernels
         square = (lambda t: (t * t).sum()) if torch.is_grad_enabled() else _sum_of_squares
         squares = torch.stack([square(t) for k, g in grads.items() for t in (g, params[k])]).view(-1, 2)
-        index = torch.tensor([self._layer_of[k] for k in grads], device=like.device)
+        index = torch.tensor([layer_of[k] for k in grads], device=like.device)
         per_layer = like.new_zeros(layers, 2).index_add(0, index, squares)  # [layers, (grad, weight)]
         log_norms = 0.5 * torch.log(per_layer + 1e-16)  # finite value and gradient at zero
         progress = (count.to(like.dtype) / self.horizon).expand(layers, 1)
@@ -261,7 +340,7 @@ class LayerwiseMixture(nn.Module):
 
     def _mix_(
         self, targets: Params, grads: Params, states: tuple, params: Params, loss: Tensor | None, step: Tensor,
-        scale: Mapping[str, float], workspace: Workspace,
+        scale: Mapping[str, float], workspace: Workspace, layer_of: Mapping[str, int],
     ) -> tuple:
         """Add ``scale_k · Σ_b step_{l(k),b} d_{b,k}`` to each ``targets[k]`` in place; the directions' next states.
 
@@ -270,7 +349,7 @@ class LayerwiseMixture(nn.Module):
         its state tensors in place; a direction without one adds its pure update.
         """
         rows = step.tolist()  # [layers][directions], Python floats
-        layer_rows = {k: rows[self._layer_of[k]] for k in present(grads)}
+        layer_rows = {k: rows[layer_of[k]] for k in present(grads)}
         return tuple(
             apply_in_place(
                 direction, targets, grads, inner, params, loss=loss,
@@ -279,24 +358,42 @@ class LayerwiseMixture(nn.Module):
             for b, (direction, inner) in enumerate(zip(self._directions, states))
         )
 
-    def _steps(self, names: Sequence[str] | None) -> set[str]:
-        """The parameter names an optimizer for ``names`` steps; whole layers this mixture has coefficients for."""
+    def _steps(self, names: Sequence[str] | None) -> tuple[set[str], dict[str, list[str]]]:
+        """The parameter names an optimizer for ``names`` steps (whole layers of this mixture), and the layers
+        ``{layer: [names]}`` of those it has no layer for (refused unless it knows its layers' kinds)."""
         if names is None:
-            return set(self._layer_of)
-        unknown = sorted(set(names) - set(self._layer_of))
-        if unknown:
+            return set(self._layer_of), {}
+        unknown = [k for k in names if k not in self._layer_of]
+        if unknown and self.layer_kinds is None:
             raise ValueError(
-                f"LayerwiseMixture has no coefficients for parameters {unknown!r} (its layers: {self.layer_names!r}); "
-                "build it with layers that include them (layers=list(model_params), or pass named_parameters())"
+                f"LayerwiseMixture has no coefficients for parameters {sorted(unknown)!r} (its layers: "
+                f"{self.layer_names!r}); build it with layers that include them (layers=list(model_params), or "
+                "pass named_parameters()), or with layer_kinds (LayerwiseMixture.for_parameters) to give new "
+                "layers the coefficients of a layer of their kind"
             )
-        layers = {self._layer_of[k] for k in names}
+        layers = {self._layer_of[k] for k in names if k in self._layer_of}
         split = sorted(k for k, layer in self._layer_of.items() if layer in layers and k not in set(names))
         if split:
             raise ValueError(
                 f"names {sorted(names)!r} split a layer of this LayerwiseMixture: also give {split!r} "
                 "(the parameters of one layer share its coefficients and norms, so they are stepped together)"
             )
-        return set(names)
+        return set(names), layer_groups(unknown)
+
+    def _rows_by_kind(self, extra: Mapping[str, Sequence[str]], params: Params) -> list[int]:
+        """For each added layer, the mixture's last layer of the same kind."""
+        last = {kind: index for index, kind in enumerate(self.layer_kinds)}
+        rows = []
+        for layer, names in extra.items():
+            kind = layer_kind([tuple(params[k].shape) for k in names])
+            if kind not in last:
+                raise ValueError(
+                    f"LayerwiseMixture has no coefficients for parameters {sorted(names)!r}: their layer {layer!r} is "
+                    f"of kind {kind!r}, and this mixture's layers are of kinds {sorted(last)!r} "
+                    "(give the group its own 'optimizer', or meta-train a mixture on a model with such layers)"
+                )
+            rows.append(last[kind])
+        return rows
 
     def _check_keys(self, params: Params, expected: set[str]) -> None:
         if set(params) != expected:
@@ -363,6 +460,10 @@ class PerParameterMLP(nn.Module):
         self.step_mult = positive_float("step_mult", step_mult, owner="PerParameterMLP")
         self.exp_mult = non_negative_float("exp_mult", exp_mult, owner="PerParameterMLP")
         self.net = _mlp(self.num_features, hidden, 2)
+        self.arguments: dict[str, Any] = {  # the constructor's arguments as plain data (what optimizers.save writes)
+            "hidden": int(hidden), "momentum_decays": list(self.momentum_decays), "rms_decay": self.rms_decay,
+            "step_mult": self.step_mult, "exp_mult": self.exp_mult,
+        }
         with torch.no_grad():  # start near a small normalised-gradient step rather than at zero
             self.net[-1].weight.mul_(0.1)
             self.net[-1].bias.zero_()

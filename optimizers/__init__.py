@@ -35,7 +35,7 @@ from optimizers.estimators import (
 )
 from optimizers.layers import layer_groups, layer_kinds, match_layers
 from optimizers.learned import LayerwiseMixture, LayerwiseMixtureState, PerParameterMLP, PerParameterMLPState
-from optimizers.saving import learned_optimizer_file, load, load_learned, read, save
+from optimizers.saving import learned_optimizer_file, load, load_learned, save
 from optimizers.schedules import (
     constant_schedule,
     cosine_decay_schedule,
@@ -86,7 +86,6 @@ __all__ = [
     "load",
     "load_learned",
     "match_layers",
-    "read",
     "save",
     "tree_map",
     "tree_update",

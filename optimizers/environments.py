@@ -9,16 +9,21 @@ its truncated continuation, see the same batches (common random numbers).
 The optimizer is passed as a *factory* ``meta_params -> GradientTransformation`` (a learned optimizer's
 ``module.optimizer``, or ``lambda m: adam(m["lr"])``), so one environment serves estimators that differentiate
 through the meta-parameters, perturb them (ES), or hold them fixed (evaluation).
+
+:meth:`Environment.from_module` makes one from what a user has: an ``nn.Module`` (or a factory of fresh ones), a
+``DataLoader``/tensors/iterable of batches, and a loss; the model runs through ``torch.func.functional_call``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.data import Dataset
 
 from optimizers._checks import positive_int
 from optimizers.base import GradientTransformation, OptState, Params, apply_updates
@@ -55,6 +60,29 @@ class Unroll(NamedTuple):
 
     losses: Tensor  # [steps] mini-batch training loss at θ_t before each update (differentiable when grad is on)
     state: TrainState  # the run after the last update
+
+
+def _examples(data: Any, argument: str) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` tensors of every example in ``data``: ``(x, y)`` tensors, a ``Dataset`` of ``(x, y)`` examples,
+    or any other iterable (a ``DataLoader``) of ``(x, y)`` batches."""
+    if isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        x, y = data
+    else:
+        examples = isinstance(data, Dataset)
+        items = (data[i] for i in range(len(data))) if examples else iter(data)
+        pairs = []
+        for item in items:
+            if not (isinstance(item, tuple | list) and len(item) == 2):
+                raise ValueError(f"{argument} must give (x, y) pairs; got an item of type {type(item).__name__}")
+            pairs.append([torch.as_tensor(t) for t in item])
+        if not pairs:
+            raise ValueError(f"{argument} is empty; give at least one (x, y) example")
+        join = torch.stack if examples else torch.cat
+        x, y = join([p[0] for p in pairs]), join([p[1] for p in pairs])
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"{argument}: x and y must hold the same, non-zero number of examples; got {len(x)} and "
+                         f"{len(y)}")
+    return x, y
 
 
 def mlp_init(sizes: Sequence[int], generator: torch.Generator, *, dtype: torch.dtype = torch.float32) -> Params:
@@ -128,6 +156,71 @@ class Environment:
         self.batch_size = batch_size
         self.loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
         self.name = name
+
+    @classmethod
+    def from_module(
+        cls,
+        model: nn.Module | Callable[[], nn.Module],
+        data: Any,
+        loss: str | Callable[[Tensor, Tensor], Tensor],
+        *,
+        horizon: int,
+        batch_size: int | None = None,
+        eval_data: Any = None,
+        name: str | None = None,
+    ) -> Environment:
+        """An environment that trains a user's ``nn.Module`` on the user's data.
+
+        Args:
+            model: a module, whose current weights start every run (a pretrained model), or a function
+                ``() -> nn.Module`` making a freshly initialised one per run (seeded from the run's generator).
+                The weights are its parameters, called with ``torch.func.functional_call``; buffers stay the
+                module's (not part of a run: no BatchNorm running statistics are carried between steps).
+            data: the training set, held in memory: ``(x, y)`` tensors, a ``TensorDataset``-like dataset of
+                ``(x, y)`` pairs, a ``DataLoader`` or any iterable of ``(x, y)`` batches (read once).
+            loss: ``loss(outputs, y) -> scalar``, or ``"cross_entropy"`` / ``"mse"``.
+            horizon: steps ``T`` of a run.
+            batch_size: mini-batch size (drawn with replacement, by the run's seed); default: the
+                ``DataLoader``'s, else 64 (the number of examples gives full-batch training).
+            eval_data: held-out data for :meth:`evaluate` (``split="test"``), in the same forms.
+            name: a label for results (default: the module's class name).
+
+        Raises:
+            ValueError: data that is not ``(x, y)`` pairs, or a factory whose modules differ in parameter names.
+        """
+        template = model if isinstance(model, nn.Module) else model()
+        if not isinstance(template, nn.Module):
+            raise ValueError(f"model must be an nn.Module or a function returning one; it returned "
+                             f"{type(template).__name__}")
+        names = [k for k, _ in template.named_parameters()]
+        if batch_size is None:
+            batch_size = getattr(data, "batch_size", None) or 64
+        device = next(template.parameters()).device
+        x, y = (t.to(device) for t in _examples(data, "data"))
+        x_test = y_test = None
+        if eval_data is not None:
+            x_test, y_test = (t.to(device) for t in _examples(eval_data, "eval_data"))
+
+        def apply(params: Params, inputs: Tensor) -> Tensor:
+            return functional_call(template, params, (inputs,))
+
+        if isinstance(model, nn.Module):
+            init_params: Params | Callable[[torch.Generator], Params] = {
+                k: p.detach().clone() for k, p in model.named_parameters()}
+        else:
+            def init_params(generator: torch.Generator) -> Params:
+                seed = int(torch.randint(2**62, (), generator=generator))
+                with torch.random.fork_rng(devices=[]):  # the module's initialisation draws from a seeded stream
+                    torch.manual_seed(seed)
+                    fresh = model()
+                found = [k for k, _ in fresh.named_parameters()]
+                if found != names:
+                    raise ValueError(f"model() made modules with parameters {found!r} and {names!r}; a factory "
+                                     "must build the same architecture every time")
+                return {k: p.detach().to(device) for k, p in fresh.named_parameters()}
+
+        return cls(apply, init_params, x, y, horizon=horizon, batch_size=batch_size, loss=loss, x_test=x_test,
+                   y_test=y_test, name=name or type(template).__name__)
 
     # ------------------------------------------------------------------ runs
     def init(

@@ -9,7 +9,8 @@ across runs:
   ``compare/*`` against ``compare/k``;
 - artifacts: the trained learners of an ``episodes`` run (type ``model``: the run's ``config.yaml`` and each
   learner's final checkpoint, so a downloaded artifact is a run folder that ``metaopt compare`` takes) and each
-  learned optimizer of an ``optimizer`` run (type ``learned-optimizer``), with the recipe and metrics as metadata.
+  learned optimizer of an ``optimizer`` run (type ``learned-optimizer``: its one self-contained file
+  ``optimizers/<name>.pt``, which ``optimizers.load`` takes), with the recipe and metrics as metadata.
 
 Every call goes through :class:`metaopt.log.Run`'s guard: a W&B failure is reported once and the run goes on.
 :func:`offline_records` reads an offline W&B run back from its ``.wandb`` file (no network), and
@@ -28,7 +29,8 @@ from metaopt.log import CONFIG_FILE, Run
 
 __all__ = [
     "RESULT_COLUMNS", "comparison_rows", "declare_axes", "fetch_artifact", "is_artifact_reference",
-    "learned_optimizer_state", "log_comparison", "log_learners", "log_optimizers", "offline_records", "run_folder",
+    "learned_optimizer_path", "learned_optimizer_state", "log_comparison", "log_learners", "log_optimizers",
+    "offline_records", "run_folder",
 ]
 
 RESULT_COLUMNS = ("learner", "k", "metric", "mean", "lower", "upper", "n")
@@ -89,16 +91,20 @@ def log_learners(run: Run, learners: Sequence[str], comparison: Any) -> None:
 
 
 def log_optimizers(run: Run, optimizers: Mapping[str, Mapping[str, Any]]) -> None:
-    """Each learned optimizer (``checkpoints/<name>.pt``) as a ``learned-optimizer`` artifact ``<run>-<name>``,
-    its meta-training results and the recipe as metadata."""
+    """Each learned optimizer as a ``learned-optimizer`` artifact ``<run>-<name>``, its meta-training results and
+    the recipe as metadata: its one file ``optimizers/<name>.pt`` (recipe, rule and metrics inside), or, for a
+    learned optimizer of a class that file does not cover, the run's config and ``checkpoints/<name>.pt``."""
     for name, results in optimizers.items():
-        state = run.checkpoint_dir / f"{name}.pt"
-        if run.writes and state.is_file():
-            run.log_artifact(_artifact_name(f"{run.name}-{name}"), OPTIMIZER_ARTIFACT,
-                             {CONFIG_FILE: run.path / CONFIG_FILE, f"checkpoints/{name}.pt": state},
-                             metadata={"recipe": run.name, "optimizer": name, "config": run.config, **results},
-                             description=f"learned optimizer {name} of {run.name}; load with "
-                                         "metaopt.wandb_native.learned_optimizer_state")
+        one_file, state = run.path / "optimizers" / f"{name}.pt", run.checkpoint_dir / f"{name}.pt"
+        if not run.writes or not (one_file.is_file() or state.is_file()):
+            continue
+        files = ({f"optimizers/{name}.pt": one_file} if one_file.is_file()
+                 else {CONFIG_FILE: run.path / CONFIG_FILE, f"checkpoints/{name}.pt": state})
+        run.log_artifact(_artifact_name(f"{run.name}-{name}"), OPTIMIZER_ARTIFACT, files,
+                         metadata={"recipe": run.name, "optimizer": name, "config": run.config, **results},
+                         description=f"learned optimizer {name} of {run.name}; use it with optimizers.load("
+                                     "metaopt.wandb_native.learned_optimizer_path(REF, NAME), "
+                                     "model.named_parameters())")
 
 
 # ---------------------------------------------------------------------- starting from an artifact
@@ -131,15 +137,30 @@ def run_folder(source: str | Path, root: str | Path = "runs/artifacts") -> Path:
     return Path(source)
 
 
+def learned_optimizer_path(source: str | Path, name: str) -> Path:
+    """The one file of learned optimizer ``name`` (``optimizers.load`` takes it) in a run folder or a
+    ``learned-optimizer`` artifact reference (downloaded)."""
+    path = run_folder(source) / "optimizers" / f"{name}.pt"
+    if not path.is_file():
+        raise ConfigError(f"{source} has no learned optimizer file {name!r} (no {path}); the optimizer recipe's "
+                          "learned: section names them, and runs write a file for LayerwiseMixture and "
+                          "PerParameterMLP")
+    return path
+
+
 def learned_optimizer_state(source: str | Path, name: str) -> dict[str, Any]:
-    """A learned optimizer's ``state_dict`` from a run folder or a ``learned-optimizer`` artifact reference."""
+    """A learned optimizer's ``state_dict`` from a run folder or a ``learned-optimizer`` artifact reference
+    (its checkpoint, or the ``state_dict`` in its one file)."""
     import torch
 
-    path = run_folder(source) / "checkpoints" / f"{name}.pt"
-    if not path.is_file():
-        raise ConfigError(f"{source} has no learned optimizer {name!r} (no {path}); the optimizer recipe's "
-                          "learned: section names them")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    folder = run_folder(source)
+    path, one_file = folder / "checkpoints" / f"{name}.pt", folder / "optimizers" / f"{name}.pt"
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    if one_file.is_file():
+        return torch.load(one_file, map_location="cpu", weights_only=True)["state_dict"]
+    raise ConfigError(f"{source} has no learned optimizer {name!r} (no {path}); the optimizer recipe's "
+                      "learned: section names them")
 
 
 # ---------------------------------------------------------------------- reading an offline run back

@@ -3,19 +3,22 @@
 Where the ``episodes`` pipeline trains learners on episodes and compares them, this one meta-trains
 *optimizers* and compares them by the loss curves they produce. Every piece is a ``_target_`` entry of the
 recipe: the environments (:mod:`metaopt.environments`, or any callable returning an
-:class:`optimizers.Environment`), the hand-designed baselines (partial optimizers whose learning rate is
-grid-tuned), the learned optimizers (any ``nn.Module`` with an ``.optimizer`` factory, e.g.
+:class:`optimizers.Environment`, e.g. a user's ``make_env`` calling ``Environment.from_module``; an
+``environment: {_target_: ...}`` entry is the environment meta-trained on, ahead of any ``environments``), the
+hand-designed baselines (partial optimizers whose learning rate is grid-tuned), the learned optimizers (any ``nn.Module`` with an ``.optimizer`` factory, e.g.
 :class:`optimizers.LayerwiseMixture`) and the meta-gradient estimator.
 
 1. build the environments; the first one is where baselines are tuned and optimizers meta-trained, and its
    ``horizon`` is T;
 2. tune each baseline's learning rate by grid search on the first environment at T;
-3. build each learned optimizer (given ``layers`` — one per linear layer — ``horizon`` and the tuned rates
-   as ``base_lrs`` when it takes them) and meta-train it with the estimator and budget of ``meta_train``;
+3. build each learned optimizer (given ``layers`` — one per module, :func:`optimizers.layer_groups` — their
+   ``layer_kinds``, ``horizon`` and the tuned rates as ``base_lrs`` when it takes them) and meta-train it with
+   the estimator and budget of ``meta_train``;
 4. evaluate every optimizer on every environment for ``horizon_factor`` × T steps, averaged over fresh seeds,
    and count the steps each needs to reach the reference baseline's final loss at T and at ``horizon_factor`` × T;
 5. write ``results.json``, the loss curves and the per-layer coefficient heat-map (``figures/*.png``), the
-   meta-trained optimizers (``checkpoints/*.pt``) and everything to W&B through :class:`metaopt.log.Run`.
+   meta-trained optimizers (``checkpoints/*.pt``; ``optimizers/*.pt``, each one self-contained file that
+   ``optimizers.load`` takes) and everything to W&B through :class:`metaopt.log.Run`.
 
 Learning rates are constant, so the first ``T`` steps of a ``2T`` run are the ``T``-step run: one run of ``2T``
 steps gives both horizons. Seeds come from the run's :class:`metaopt.seeds.SeedPlan`.
@@ -66,9 +69,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-RUNTIME_ARGUMENTS = ("layers", "horizon", "base_lrs")
+RUNTIME_ARGUMENTS = ("layers", "layer_kinds", "horizon", "base_lrs")
 """What the pipeline gives a learned optimizer's constructor, when it takes them: the first environment's
-layers (one per linear layer), its horizon T, and the tuned baseline learning rates (``meta_train.tuned_base_lrs``)."""
+layers (one per module) and their kinds, its horizon T, and the tuned baseline learning rates
+(``meta_train.tuned_base_lrs``)."""
 
 
 # ---------------------------------------------------------------------- the recipe's schema
@@ -130,7 +134,8 @@ class EvaluationSettings:
 @dataclass
 class OptimizerRecipe(CommonSettings):
     """An optimizer experiment (see the module docstring). ``environment`` holds values the entries of
-    ``environments`` share by interpolation (``hidden: ${environment.hidden}``)."""
+    ``environments`` share by interpolation (``hidden: ${environment.hidden}``), or, with a ``_target_``, is the
+    environment itself (a user's factory), meta-trained on ahead of any ``environments``."""
 
     pipeline: str = "optimizer"
     environment: dict[str, Any] = field(default_factory=dict)
@@ -166,8 +171,16 @@ def _runtime_arguments(target: Callable) -> list[str]:
     return [name for name in RUNTIME_ARGUMENTS if name in parameters]
 
 
+def _environment_specs(config: DictConfig) -> dict[str, Any]:
+    """The recipe's environments by name: ``environment`` first when it has a ``_target_``, then ``environments``."""
+    own = {"environment": config.environment} if "_target_" in config.environment else {}
+    return {**own, **config.environments}
+
+
 def _check_shared_values(config: DictConfig, source: str) -> None:
     """Every key of ``environment`` is used by an ``${environment.KEY}`` of ``environments`` (else: a misspelling)."""
+    if "_target_" in config.environment:  # its keys are the factory's arguments
+        return
     used = set(re.findall(r"\$\{environment\.(\w+)", str(OmegaConf.to_container(config.environments, resolve=False))))
     unused = sorted(set(config.environment) - used)
     if unused:
@@ -184,10 +197,15 @@ def validate(config: DictConfig, source: str) -> None:
     if config.precision != "fp32" or config.compile:
         raise ConfigError(f"{source}: precision={config.precision}, compile={config.compile}: optimizer recipes run "
                           "their inner loops in float32 and eagerly; leave precision=fp32 and compile=false")
-    if not config.environments:
+    if not _environment_specs(config):
         raise ConfigError(f"{source}: environments is empty; name at least one with a _target_ "
                           "(e.g. metaopt.environments.digits_finetuning)")
     _check_shared_values(config, source)
+    if "_target_" in config.environment:
+        if "environment" in config.environments:
+            raise ConfigError(f"{source}: environments.environment clashes with the environment: {{_target_: ...}} "
+                              "entry (both would be named 'environment'); rename it")
+        check_spec(config.environment, "environment")
     for name, spec in config.environments.items():
         check_spec(spec, f"environments.{name}")
     if not config.baselines:
@@ -216,7 +234,7 @@ def validate(config: DictConfig, source: str) -> None:
 def build(config: DictConfig) -> OptimizerExperiment:
     """The environments, the baselines' factories and the estimator; learned optimizers stay specs until tuned."""
     environments = {name: build_instance(spec, f"environments.{name}", Environment)
-                    for name, spec in config.environments.items()}
+                    for name, spec in _environment_specs(config).items()}
     baselines, grids = {}, {}
     for name, spec in config.baselines.items():
         baseline = settings(spec, BaselineSettings, f"baselines.{name}")
@@ -330,10 +348,11 @@ def _between_runs(estimator: O.GradientEstimator, environment: Environment) -> b
     return estimator.step in (0, estimator.steps or environment.horizon)
 
 
-def _layers(environment: Environment) -> dict[str, list[str]]:
-    """One mixture layer per linear layer: ``{"layer0": ["0.weight", "0.bias"], ...}``."""
-    names = list(environment.init(lambda _: O.sgd(0.0), None, generator(0)).params)
-    return {f"layer{i}": [f"{i}.weight", f"{i}.bias"] for i in range(len(names) // 2)}
+def _layers(environment: Environment) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """One mixture layer per module, ``{"0": ["0.weight", "0.bias"], ...}``, and each layer's kind."""
+    params = environment.init(lambda _: O.sgd(0.0), None, generator(0)).params
+    groups = O.layer_groups(params)
+    return groups, O.layer_kinds(params, groups)
 
 
 def _build_learned(name: str, spec: dict[str, Any], environment: Environment,
@@ -341,7 +360,8 @@ def _build_learned(name: str, spec: dict[str, Any], environment: Environment,
     """A learned optimizer from its spec, given the runtime arguments its constructor takes."""
     spec = dict(spec)
     target = import_target(spec["_target_"], f"learned.{name}")
-    runtime = {"layers": _layers(environment), "horizon": environment.horizon}
+    layers, kinds = _layers(environment)
+    runtime = {"layers": layers, "layer_kinds": kinds, "horizon": environment.horizon}
     if tuned is not None:
         runtime["base_lrs"] = {**(spec.pop("base_lrs", None) or {}), **tuned}
     supplied = {key: value for key, value in runtime.items() if key in _runtime_arguments(target) and key not in spec}
@@ -476,11 +496,29 @@ def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False, 
         "curves": {env: {name: c.tolist() for name, c in by.items()} for env, by in curves.items()},
     }
     run.save_json(results, "results")
+    if train and run.writes:
+        _save_learned_files(run, learned, results)
     wandb_native.log_optimizers(run, meta_results)
     run.summary({f"{env}/{h}/{name}/steps_to_reference_final": r["steps_to_reference_final"]
                  for env, by_h in evaluation.items() for h, rows in by_h.items()
                  for name, r in rows["optimizers"].items()})
     return results, f"{format_table(results)}\n\nresults: {run.path / 'results.json'}\nfigures: {run.figure_dir}"
+
+
+def _save_learned_files(run: Run, learned: dict[str, nn.Module], results: dict[str, Any]) -> None:
+    """Each meta-trained ``LayerwiseMixture`` / ``PerParameterMLP`` as one self-contained file
+    ``optimizers/<name>.pt`` (``optimizers.load`` takes it): the recipe, and its meta-training and evaluation."""
+    recipe = json.loads(json.dumps(run.config, default=str))
+    for name, module in learned.items():
+        if type(module) not in O.saving.CLASSES.values():  # a class of the user's own: its checkpoint only
+            continue
+        evaluation = {env: {h: {"steps": rows["steps"], "reference_final_loss": rows["reference_final_loss"],
+                                **rows["optimizers"][name]} for h, rows in by_h.items()}
+                      for env, by_h in results["evaluation"].items()}
+        metrics = {"reference": results["reference"], "meta_training": results["meta_training"][name],
+                   "evaluation": evaluation}
+        checkpoints.save(O.learned_optimizer_file(module, recipe=recipe, metrics=metrics),
+                         run.path / "optimizers" / f"{name}.pt")
 
 
 def _checkpointed_step(run: Run, name: str) -> int:

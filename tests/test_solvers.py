@@ -9,10 +9,9 @@ from metaopt.tasks import LinearRegression
 
 @pytest.mark.parametrize("support", [0, 2, 4, 6, 20])
 def test_least_squares_matches_numpy_min_norm(support):
-    ep = LinearRegression(6, noise_std=0.3).sample(5, support, 3, generator=generator()).replace(
-        x_support=torch.randn(5, support, 6, dtype=torch.float64) if support else torch.zeros(5, 0, 6, dtype=torch.float64)
-    )
-    ep = ep.replace(y_support=torch.randn(5, support, 1, dtype=torch.float64), x_query=ep.x_query.double(),
+    ep = LinearRegression(6, noise_std=0.3).sample(5, support, 3, generator=generator())
+    ep = ep.replace(x_support=torch.randn(5, support, 6, dtype=torch.float64),  # one dtype: all of them at once
+                    y_support=torch.randn(5, support, 1, dtype=torch.float64), x_query=ep.x_query.double(),
                     y_query=ep.y_query.double())
     pred = LeastSquares()(ep)
     for t in range(5):

@@ -186,11 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("resume", cmd_resume, ("run_dir", run_dir_help),
          "continue an interrupted run from its last checkpoints",
          "Continue training every learner of a run folder from its latest checkpoint (same episodes, same "
-         "optimiser state), then compare. A finished learner is not trained again."),
+         "optimiser state), then compare. A finished learner is not trained again; the metric rows logged after "
+         "the checkpoint are dropped and logged once."),
         ("compare", cmd_compare, ("run_dir", run_dir_help),
          "re-run the comparison of a finished run",
          "Load a run's trained learners from their checkpoints and compare all learners again, e.g. on more "
-         "tasks or other support sizes (compare.* overrides)."),
+         "tasks or other support sizes (compare.* overrides). Writes RUN_DIR/compare/<time>/ (its own config, "
+         "results, figures and W&B run); the run's own files are left as they were."),
     ]
     for name, func, (arg, arg_help), summary, description in commands:
         p = sub.add_parser(name, help=summary, description=description)

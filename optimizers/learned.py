@@ -11,6 +11,8 @@ meta-trained); see ``docs/torch_optim.md``. :mod:`optimizers.saving` writes a tr
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -321,7 +323,7 @@ class LayerwiseMixture(nn.Module):
             "progress feature t/T now exceeds 1, which meta-training never showed it: the coefficient MLP "
             "extrapolates (nothing is clamped), so the rule may drift from what was learned. To run the learned "
             f"schedule over N steps instead, load it with optimizers.load(..., horizon=N), or meta-train at N.",
-            UserWarning, stacklevel=7,  # the caller of optimizer.step(), past the adapter and torch's hooks
+            UserWarning, stacklevel=_caller_level(),
         )
 
     def _features(self, grads: Params, params: Params, count: Tensor, ema_hat: Tensor, layer_of: Mapping[str, int],
@@ -402,6 +404,16 @@ class LayerwiseMixture(nn.Module):
                 f"parameter names do not match the layers this LayerwiseMixture was built for: missing {missing!r}, "
                 f"unexpected {extra!r}; build it with layers=list(model_params) (or pass named_parameters())"
             )
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside this package and torch, for the caller's ``warnings.warn``:
+    the training loop's ``optimizer.step()``, past the adapter and torch's step hooks (a scheduler adds one)."""
+    roots = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(2), 2  # level 1 is the function that warns
+    while frame is not None and frame.f_code.co_filename.startswith(roots):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _clone(tree: OptState) -> OptState:

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from metaopt.pipelines import load
 
-__all__ = ["OPTIMIZER_TINY", "TINY", "shrunk"]
+__all__ = ["OPTIMIZER_TINY", "TINY", "TRAJECTORIES_TINY", "shrunk"]
 
 TINY = {
     "name": "tiny",
@@ -38,6 +38,14 @@ OPTIMIZER_TINY = [
 ]
 """A run of the ``optimizer`` pipeline (recipes/specialized_optimizer.yaml) in about a second."""
 
+TRAJECTORIES_TINY = [
+    "wandb.mode=disabled", "threads=1", "train.steps=40", "train.branch_at=20", "train.eval_every=10",
+    "train.final_evals=1", "probes.start=2", "probes.batches=2", "probes.batch_size=16", "probes.dims=2",
+    "probes.lrs=[0.1,1.0]", "averaging.two_point_far=8", "averaging.two_point_near=2", "averaging.swa_every=2",
+    "channels=[4,8]",
+]
+"""A run of the ``trajectories`` pipeline (recipes/training_trajectories.yaml) in a second or two."""
+
 _EXTRA = {
     # fewer queries per class (the query sizes follow), and one short sequence length for the accuracy matrices
     "continual_hypertransformer": [
@@ -53,6 +61,8 @@ def shrunk(recipe: str) -> list[str]:
     config = load(recipe)
     if config.pipeline == "optimizer":
         return [*OPTIMIZER_TINY, "progress=false"]
+    if config.pipeline == "trajectories":
+        return [*TRAJECTORIES_TINY, "progress=false"]
     overrides = [
         "threads=1", "progress=false", "wandb.mode=disabled",
         "train.steps=3", "train.batch_size=4", "train.val_every=3", "train.val_tasks=4",

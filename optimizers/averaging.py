@@ -66,7 +66,9 @@ class EMAAveraging(NamedTuple):
     def init(self, params: Params) -> Params:
         return {k: torch.zeros_like(p) for k, p in params.items()} if self.bias_correction else {}
 
-    def step(self, theta: Tensor, average: Tensor, memory: Tensor | None, t: Tensor) -> tuple[Tensor, Tensor | None]:
+    def step(self, theta: Tensor, average: Tensor, memory: Tensor | None, t: Tensor, *, in_place: bool = False
+             ) -> tuple[Tensor, Tensor | None]:
+        del in_place
         if self.bias_correction:
             memory = torch.lerp(memory, theta, 1.0 - self.decay)
             return memory / (1.0 - torch.as_tensor(self.decay, dtype=theta.dtype) ** t.to(theta.dtype)), memory
@@ -87,7 +89,9 @@ class SWAAveraging(NamedTuple):
         del params
         return {}
 
-    def step(self, theta: Tensor, average: Tensor, memory: Tensor | None, t: Tensor) -> tuple[Tensor, Tensor | None]:
+    def step(self, theta: Tensor, average: Tensor, memory: Tensor | None, t: Tensor, *, in_place: bool = False
+             ) -> tuple[Tensor, Tensor | None]:
+        del in_place
         started = t >= self.start
         due = started & ((t - self.start) % self.every == 0)
         averaged = torch.where(started, (t - self.start) // self.every + 1, 0)  # iterates in the average now
@@ -103,11 +107,15 @@ class TwoPointAveraging(NamedTuple):
     def init(self, params: Params) -> Params:
         return {k: p.detach().clone().unsqueeze(0).repeat(self.delta, *(1,) * p.dim()) for k, p in params.items()}
 
-    def step(self, theta: Tensor, average: Tensor, memory: Tensor | None, t: Tensor) -> tuple[Tensor, Tensor | None]:
+    def step(self, theta: Tensor, average: Tensor, memory: Tensor | None, t: Tensor, *, in_place: bool = False
+             ) -> tuple[Tensor, Tensor | None]:
         del average
-        slot = (torch.arange(self.delta, device=theta.device) == t % self.delta).view(-1, *(1,) * theta.dim())
-        old = torch.where(slot, memory, torch.zeros_like(memory)).sum(0)  # θ_{t-delta}, the slot's occupant
-        return 0.5 * (theta + old), torch.where(slot, theta.unsqueeze(0), memory)
+        slot = (t % self.delta).view(1)
+        old = memory.index_select(0, slot)[0]  # θ_{t-delta}, the slot's occupant
+        average = 0.5 * (theta + old)
+        if in_place:  # the torch.optim path owns the state: overwrite one slot instead of copying them all
+            return average, memory.index_copy_(0, slot, theta.unsqueeze(0))
+        return average, memory.index_copy(0, slot, theta.unsqueeze(0))
 
 
 Averaging = EMAAveraging | SWAAveraging | TwoPointAveraging
@@ -203,15 +211,17 @@ def averaged(optimizer: GradientTransformation, **averagings: Averaging) -> Grad
             memory={name: averaging.init(params) for name, averaging in averagings.items()},
         )
 
-    def advance(state: AveragedState, inner: OptState, thetas: Params) -> AveragedState:
-        """The state after the step that moved the keys of ``thetas`` to those values."""
+    def advance(state: AveragedState, inner: OptState, thetas: Params, in_place: bool) -> AveragedState:
+        """The state after the step that moved the keys of ``thetas`` to those values (``in_place``: the caller
+        owns ``state``, which may be overwritten)."""
         count = {k: c + 1 if k in thetas else c for k, c in state.count.items()}
         average, memory = {}, {}
         for name, averaging in averagings.items():
             average[name], memory[name] = dict(state.average[name]), dict(state.memory[name])
             for k, theta in thetas.items():
                 average[name][k], new_memory = averaging.step(theta, state.average[name][k],
-                                                              state.memory[name].get(k), count[k])
+                                                              state.memory[name].get(k), count[k],
+                                                              in_place=in_place)
                 if new_memory is not None:
                     memory[name][k] = new_memory
         return AveragedState(inner, average, count, memory)
@@ -221,12 +231,12 @@ def averaged(optimizer: GradientTransformation, **averagings: Averaging) -> Grad
             raise ValueError("averaged needs params (the averages follow params + updates); "
                              "call update(grads, state, params)")
         updates, inner = optimizer.update(grads, state.inner, params, loss=loss)
-        return updates, advance(state, inner, {k: params[k] + updates[k] for k in present(grads)})
+        return updates, advance(state, inner, {k: params[k] + updates[k] for k in present(grads)}, False)
 
     def apply_(targets, grads, state, params=None, *, loss=None, scale, workspace):
         inner = apply_in_place(optimizer, targets, grads, state.inner, params, loss=loss, scale=scale,
                                workspace=workspace)
-        return advance(state, inner, {k: targets[k] for k in present(grads)})
+        return advance(state, inner, {k: targets[k] for k in present(grads)}, True)
 
     spec = optimizer.hyperparams if isinstance(optimizer, GradientTransformation) else None
     recorded = None if spec is None else Hyperparameters(_Averaged(spec.factory, dict(averagings)), dict(spec.kwargs))

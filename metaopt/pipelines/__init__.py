@@ -37,7 +37,7 @@ from metaopt.config import (
     CommonSettings, ConfigError, describe, find_recipe, merge, read_recipe, saved, settings, to_yaml,
 )
 from metaopt.log import CONFIG_FILE, Run, new_folder
-from metaopt.pipelines import episodes, optimizer
+from metaopt.pipelines import episodes, optimizer, trajectories
 from metaopt.runtime import check_precision, resolve_device
 from metaopt.seeds import SeedPlan
 
@@ -64,6 +64,8 @@ class Pipeline:
 PIPELINES: dict[str, Pipeline] = {
     "episodes": Pipeline(episodes.EpisodeRecipe, episodes.validate, episodes.build, episodes.execute),
     "optimizer": Pipeline(optimizer.OptimizerRecipe, optimizer.validate, optimizer.build, optimizer.execute),
+    "trajectories": Pipeline(trajectories.TrajectoryRecipe, trajectories.validate, trajectories.build,
+                             trajectories.execute),
 }
 COMPARE_DIR = "compare"
 """Where ``metaopt compare RUN`` writes inside the run folder: ``RUN/compare/<time>/``."""

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from metaopt.pipelines import load
 
-__all__ = ["OPTIMIZER_TINY", "TINY", "TRAJECTORIES_TINY", "shrunk"]
+__all__ = ["OPTIMIZER_TINY", "PRIMING_TINY", "TINY", "TRAJECTORIES_TINY", "shrunk"]
 
 TINY = {
     "name": "tiny",
@@ -46,6 +46,14 @@ TRAJECTORIES_TINY = [
 ]
 """A run of the ``trajectories`` pipeline (recipes/training_trajectories.yaml) in a second or two."""
 
+PRIMING_TINY = [
+    "wandb.mode=disabled", "threads=1", "world.entities=8", "world.new_entities=3", "world.documents=64",
+    "world.length=16", "model.n_embd=16", "model.n_layer=1", "model.n_head=2", "pretrain.steps=20",
+    "pretrain.batch_size=8", "inject.facts_per_category=3", "inject.steps=2", "inject.batch_size=4",
+    "inject.thematic_prefixes=2", "retention.facts_per_category=2", "retention.steps=4", "retention.every=2",
+]
+"""A run of the ``priming`` pipeline (recipes/knowledge_priming.yaml) in a few seconds."""
+
 _EXTRA = {
     # fewer queries per class (the query sizes follow), and one short sequence length for the accuracy matrices
     "continual_hypertransformer": [
@@ -63,6 +71,8 @@ def shrunk(recipe: str) -> list[str]:
         return [*OPTIMIZER_TINY, "progress=false"]
     if config.pipeline == "trajectories":
         return [*TRAJECTORIES_TINY, "progress=false"]
+    if config.pipeline == "priming":
+        return [*PRIMING_TINY, "progress=false"]
     overrides = [
         "threads=1", "progress=false", "wandb.mode=disabled",
         "train.steps=3", "train.batch_size=4", "train.val_every=3", "train.val_tasks=4",

@@ -5,9 +5,10 @@ This package imports only torch. Everything in ``alias.__all__`` and ``transform
 new optimizer or direction (see :mod:`optimizers.alias`) needs no edit of this file.
 """
 
-from optimizers import alias, averaging, transforms
+from optimizers import alias, averaging, pruning, transforms
 from optimizers.alias import *  # noqa: F403 (the optimizers and their directions: alias.__all__)
 from optimizers.averaging import *  # noqa: F403 (iterate averaging: averaging.__all__)
+from optimizers.pruning import *  # noqa: F403 (ignore-k update pruning: pruning.__all__)
 from optimizers.base import (
     EmptyState,
     GradientTransformation,
@@ -94,3 +95,4 @@ __all__ = [
 __all__ += alias.__all__
 __all__ += transforms.__all__
 __all__ += averaging.__all__
+__all__ += pruning.__all__

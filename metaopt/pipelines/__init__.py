@@ -37,7 +37,7 @@ from metaopt.config import (
     CommonSettings, ConfigError, describe, find_recipe, merge, read_recipe, saved, settings, to_yaml,
 )
 from metaopt.log import CONFIG_FILE, Run, new_folder
-from metaopt.pipelines import episodes, optimizer, trajectories
+from metaopt.pipelines import episodes, optimizer, priming, trajectories
 from metaopt.runtime import check_precision, resolve_device
 from metaopt.seeds import SeedPlan
 
@@ -66,6 +66,7 @@ PIPELINES: dict[str, Pipeline] = {
     "optimizer": Pipeline(optimizer.OptimizerRecipe, optimizer.validate, optimizer.build, optimizer.execute),
     "trajectories": Pipeline(trajectories.TrajectoryRecipe, trajectories.validate, trajectories.build,
                              trajectories.execute),
+    "priming": Pipeline(priming.PrimingRecipe, priming.validate, priming.build, priming.execute),
 }
 COMPARE_DIR = "compare"
 """Where ``metaopt compare RUN`` writes inside the run folder: ``RUN/compare/<time>/``."""

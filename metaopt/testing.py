@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from metaopt.pipelines import load
 
-__all__ = ["OPTIMIZER_TINY", "PRIMING_TINY", "TINY", "TRAJECTORIES_TINY", "shrunk"]
+__all__ = ["OPTIMIZER_TINY", "PRIMING_TINY", "TINY", "TRAJECTORIES_TINY", "DISTILLATION_TINY", "shrunk"]
 
 TINY = {
     "name": "tiny",
@@ -54,11 +54,25 @@ PRIMING_TINY = [
 ]
 """A run of the ``priming`` pipeline (recipes/knowledge_priming.yaml) in a few seconds."""
 
+DISTILLATION_TINY = [
+    "wandb.mode=disabled", "threads=1", "data.agents=4", "data.per_agent=8", "data.public=20",
+    "data.test_per_class=3", "model.hidden=8", "model.heads=2", "train.rounds=2", "train.steps_per_round=2",
+    "train.batch_size=4", "train.public_batch=8", "train.eval_every=1", "study.degree=2",
+]
+"""A run of the ``distillation`` pipeline (recipes/decentralized_distillation.yaml) in a few seconds."""
+
 _EXTRA = {
     # fewer queries per class (the query sizes follow), and one short sequence length for the accuracy matrices
     "continual_hypertransformer": [
         "task.queries=1", "train.query=15", "compare.query=15", "compare.num_tasks=4",
         "evaluate=[{_target_: hypernets.continual.evaluate_sequences, lengths: [3], sequences: 2}]",
+    ],
+    # a tiny ViT pretrained for two steps, two fine-tuning steps per way on a few images per class
+    "memory_tokens": [
+        "evaluate=[{_target_: metaopt.finetune.memory_token_study, vit: {image_size: 28, patch_size: 14, n_embd: 8, "
+        "n_layer: 1, n_head: 2}, pretrain: {classes: 4, per_class: 2, steps: 2, batch_size: 4, lr: 0.001}, "
+        "target_classes: 3, sizes: [2, 2, 2], steps: 2, batch_size: 4, lrs: {head: [0.1], memory: [0.1], "
+        "full: [0.01]}}]",
     ],
 }
 """What some recipes need beyond the common shrinking, by recipe name (later overrides win)."""
@@ -73,6 +87,8 @@ def shrunk(recipe: str) -> list[str]:
         return [*TRAJECTORIES_TINY, "progress=false"]
     if config.pipeline == "priming":
         return [*PRIMING_TINY, "progress=false"]
+    if config.pipeline == "distillation":
+        return [*DISTILLATION_TINY, "progress=false"]
     overrides = [
         "threads=1", "progress=false", "wandb.mode=disabled",
         "train.steps=3", "train.batch_size=4", "train.val_every=3", "train.val_tasks=4",

@@ -20,6 +20,7 @@ from metaopt.learners.incontext import (
 )
 from metaopt.learners.inner_loop import InnerLoop
 from metaopt.learners.maml import ANIL, FOMAML, MAML, FixedInitGD, MetaSGD, PerParameterStepSizes
+from metaopt.learners.memory_tokens import MemoryTokens
 from metaopt.learners.mlp_baseline import MLPBaseline
 from metaopt.learners.protonet import ProtoNet
 from metaopt.learners.regression_baselines import Averaging, Lasso, NearestNeighbours
@@ -36,4 +37,5 @@ __all__ = ["Learner", "Example", "Capability", "provides",
            "Null", "BooleanAveraging", "BooleanNearestNeighbours", "Elimination", "GF2Elimination", "BooleanMLP",
            "LinearSelfAttention", "MesaLayer", "MesaAttention", "MomentumAttention", "LSTMLearner", "HyenaLearner",
            "GDPlusPlus", "TunedGradientDescent", "TunedGDPlusPlus",
-           "InnerLoop", "MAML", "FOMAML", "MetaSGD", "ANIL", "FixedInitGD", "PerParameterStepSizes", "ProtoNet"]
+           "InnerLoop", "MAML", "FOMAML", "MetaSGD", "ANIL", "FixedInitGD", "PerParameterStepSizes", "ProtoNet",
+           "MemoryTokens"]

@@ -46,9 +46,9 @@ class CausalLM(nn.Module):
         nn.init.normal_(self.tokens.weight, std=0.02)  # as in GPT-2
         nn.init.normal_(self.positions.weight, std=0.02)
 
-    def hidden(self, ids: Tensor | None = None, *, embeddings: Tensor | None = None) -> Tensor:
-        """The final hidden states ``[B, L, C]`` of token ids, or of given input ``embeddings`` ``[B, L, C]``."""
-        h = self.tokens(ids) if embeddings is None else embeddings
+    def hidden(self, ids: Tensor) -> Tensor:
+        """The final hidden states ``[B, L, C]`` of token ids ``[B, L]``."""
+        h = self.tokens(ids)
         L = h.shape[1]
         if L > self.max_len:
             raise ValueError(f"CausalLM: sequence of {L} tokens; max_len is {self.max_len}")

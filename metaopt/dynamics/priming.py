@@ -25,9 +25,7 @@ from torch import Tensor, nn
 import optimizers as O
 from metaopt.checks import positive_int
 
-__all__ = ["PrimingScores", "inject", "keep_training", "keyword_probabilities", "priming_scores"]
-
-Encode = Callable[[str], list[int]]
+__all__ = ["PrimingScores", "inject", "keep_training", "keyword_probabilities", "log_ratio", "priming_scores"]
 
 
 @torch.no_grad()

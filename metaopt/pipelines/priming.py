@@ -182,12 +182,13 @@ class PrimingExperiment:
 def _sections(config: DictConfig) -> tuple:
     return (settings(config.world, WorldSettings, "world"), settings(config.model, ModelSettings, "model"),
             settings(config.pretrain, PretrainSettings, "pretrain"), settings(config.inject, InjectSettings, "inject"),
-            settings(config.retention, RetentionSettings, "retention"), settings(config.claims, PrimingClaims, "claims"))
+            settings(config.retention, RetentionSettings, "retention"),
+            settings(config.claims, PrimingClaims, "claims"))
 
 
 def validate(config: DictConfig, source: str) -> None:
     """Every setting checked at load time."""
-    world, _, _, inject, retention, _ = _sections(config)
+    _, _, _, inject, retention, _ = _sections(config)
     if not 0 <= config.ignore_k < 1:
         raise ConfigError(f"{source}: ignore_k must be in [0, 1) (the share of each update dropped); "
                           f"got {config.ignore_k!r}")
@@ -196,7 +197,6 @@ def validate(config: DictConfig, source: str) -> None:
                           f"inject.facts_per_category={inject.facts_per_category}")
     if config.device != "cpu" and not config.device.startswith(("cuda", "auto")):
         raise ConfigError(f"{source}: device={config.device!r}; expected cpu, cuda or auto")
-    del world
 
 
 def build(config: DictConfig) -> PrimingExperiment:

@@ -89,7 +89,8 @@ class TrajectoryTrainSettings:
             raise ValueError(f"branch_at must be below steps={self.steps}; got {self.branch_at}")
         if self.steps % self.eval_every or self.branch_at % self.eval_every:
             raise ValueError(f"eval_every must divide steps and branch_at (so every run is evaluated at the same "
-                             f"steps); got eval_every={self.eval_every}, steps={self.steps}, branch_at={self.branch_at}")
+                             f"steps); got eval_every={self.eval_every}, steps={self.steps}, "
+                             f"branch_at={self.branch_at}")
         if self.final_evals > (self.steps - self.branch_at) // self.eval_every:
             raise ValueError(f"final_evals must be at most the evaluations after branch_at "
                              f"({(self.steps - self.branch_at) // self.eval_every}); got {self.final_evals}")
@@ -189,7 +190,7 @@ def _sections(config: DictConfig) -> tuple:
 
 def validate(config: DictConfig, source: str) -> None:
     """Every setting checked at load time."""
-    train, averaging, probes, _ = _sections(config)
+    train, _, probes, _ = _sections(config)
     sequence_of("channels", list(config.channels), positive_int, owner="TrajectoryRecipe")
     if not config.channels:
         raise ConfigError(f"{source}: channels must list at least one convolution width; got []")
@@ -202,7 +203,6 @@ def validate(config: DictConfig, source: str) -> None:
                           "dimensions; lower probes.start, probes.every or probes.dims")
     if config.device != "cpu" and not config.device.startswith(("cuda", "auto")):
         raise ConfigError(f"{source}: device={config.device!r}; expected cpu, cuda or auto")
-    del averaging
 
 
 def build(config: DictConfig) -> TrajectoryExperiment:

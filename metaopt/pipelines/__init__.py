@@ -36,6 +36,7 @@ from metaopt.allocator import keep_freed_memory
 from metaopt.config import (
     CommonSettings, ConfigError, describe, find_recipe, merge, read_recipe, saved, settings, to_yaml,
 )
+from metaopt.distillation import pipeline as distillation
 from metaopt.log import CONFIG_FILE, Run, new_folder
 from metaopt.pipelines import episodes, optimizer, priming, trajectories
 from metaopt.runtime import check_precision, resolve_device
@@ -67,6 +68,8 @@ PIPELINES: dict[str, Pipeline] = {
     "trajectories": Pipeline(trajectories.TrajectoryRecipe, trajectories.validate, trajectories.build,
                              trajectories.execute),
     "priming": Pipeline(priming.PrimingRecipe, priming.validate, priming.build, priming.execute),
+    "distillation": Pipeline(distillation.DistillationRecipe, distillation.validate, distillation.build,
+                             distillation.execute),
 }
 COMPARE_DIR = "compare"
 """Where ``metaopt compare RUN`` writes inside the run folder: ``RUN/compare/<time>/``."""

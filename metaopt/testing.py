@@ -74,6 +74,16 @@ _EXTRA = {
         "target_classes: 3, sizes: [2, 2, 2], steps: 2, batch_size: 4, lrs: {head: [0.1], memory: [0.1], "
         "full: [0.01]}}]",
     ],
+    # a tiny fact-world LM pretrained for two steps; the hooks on a few tasks
+    "frozen_lm_boolean": [
+        "learners.frozen_lm.world.entities=6", "learners.frozen_lm.world.new_entities=2",
+        "learners.frozen_lm.world.documents=16", "learners.frozen_lm.world.length=12",
+        "learners.frozen_lm.model.n_embd=8", "learners.frozen_lm.model.n_layer=1", "learners.frozen_lm.model.n_head=2",
+        "learners.frozen_lm.pretrain.steps=2", "learners.frozen_lm.pretrain.batch_size=4",
+        "evaluate=[{_target_: metaopt.analysis.teaching.compare_teaching, teaching: true, support_sizes: [0, 10], "
+        "num_tasks: 8, query: 1, claims: [{text: teaching, learner: frozen_lm, k: 10, above: 0.95}]}, "
+        "{_target_: metaopt.analysis.nearest_heads.nearest_example_heads, num_tasks: 4, support: 16}]",
+    ],
 }
 """What some recipes need beyond the common shrinking, by recipe name (later overrides win)."""
 

@@ -24,6 +24,7 @@ REPRODUCTIONS = [
     "boolean_architectures_dnf",
     "boolean_architectures_parity",
     "icl_vs_finetuning",
+    "frozen_lm_boolean",
 ]
 # The variants docs/reproductions.md names as overrides.
 VARIANTS = [

@@ -11,6 +11,7 @@ from metaopt.learners.boolean_baselines import (
 )
 from metaopt.learners.capabilities import Capability, provides
 from metaopt.learners.incontext import (
+    FrozenLM,
     HyenaLearner,
     LinearSelfAttention,
     LSTMLearner,
@@ -36,6 +37,7 @@ __all__ = ["Learner", "Example", "Capability", "provides",
            "MLPBaseline", "TunedRidge", "AdaptiveRidge", "TunedAdaptiveRidge", "OracleRidge",
            "Null", "BooleanAveraging", "BooleanNearestNeighbours", "Elimination", "GF2Elimination", "BooleanMLP",
            "LinearSelfAttention", "MesaLayer", "MesaAttention", "MomentumAttention", "LSTMLearner", "HyenaLearner",
+           "FrozenLM",
            "GDPlusPlus", "TunedGradientDescent", "TunedGDPlusPlus",
            "InnerLoop", "MAML", "FOMAML", "MetaSGD", "ANIL", "FixedInitGD", "PerParameterStepSizes", "ProtoNet",
            "MemoryTokens"]

@@ -54,6 +54,15 @@ def compact_rows(rows: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor,
     return packed, valid.sum(1)
 
 
+def teaching_probability(owner: str, teaching: object) -> float:
+    """``teaching`` (a bool, or the probability in [0, 1] of a teaching sequence per task) as a probability."""
+    if isinstance(teaching, bool):
+        return float(teaching)
+    if not isinstance(teaching, (int, float)) or not 0 <= teaching <= 1:
+        raise ArgumentError(owner, "teaching", "a bool or a probability in [0, 1]", teaching)
+    return float(teaching)
+
+
 # ---------------------------------------------------------------------- base family
 class BooleanFamily(TaskFamily):
     """A class of Boolean functions f: {±1}^n -> {0, 1}, one function per task.
@@ -65,7 +74,9 @@ class BooleanFamily(TaskFamily):
     Args:
         n_bits: input dimension n.
         teaching: put the class's teaching sequence at the head of every support set; the length
-            of each task's sequence is stored in ``info["teaching_length"]``.
+            of each task's sequence is stored in ``info["teaching_length"]``. A probability in [0, 1]
+            instead puts it at the head of each task's support set with that probability (Bhattamishra et
+            al. train with teaching sequences half the time); tasks without one have length 0.
     """
 
     kind = "binary"
@@ -75,12 +86,13 @@ class BooleanFamily(TaskFamily):
     def example(cls) -> "BooleanFamily":
         return cls(n_bits=5)
 
-    def __init__(self, n_bits: int, teaching: bool = False) -> None:
+    def __init__(self, n_bits: int, teaching: bool | float = False) -> None:
         name = type(self).__name__
         self.n_bits = positive_int("n_bits", n_bits, owner=name)
-        if boolean("teaching", teaching, owner=name) and not self.has_teaching:
+        self.teaching_prob = teaching_probability(name, teaching)
+        if self.teaching_prob and not self.has_teaching:
             raise ValueError(
-                f"{name}: teaching=True is not available; teaching sequences are defined for "
+                f"{name}: teaching={teaching!r} is not available; teaching sequences are defined for "
                 "Conjunction, Disjunction, SparseDisjunction, DNF/CNF (monotone=True), Parity and SparseParity"
             )
         self.teaching = teaching
@@ -114,15 +126,17 @@ class BooleanFamily(TaskFamily):
         raise NotImplementedError
 
     def _sample(self, num_tasks: int, support: int, query: int, generator: torch.Generator) -> Episode:
-        if self.teaching and support < self.max_teaching_length:
+        if self.teaching_prob and support < self.max_teaching_length:
             raise ValueError(
-                f"{type(self).__name__}(teaching=True) needs support >= {self.max_teaching_length} to hold the "
-                f"longest teaching sequence for n_bits={self.n_bits}; got support={support!r}"
+                f"{type(self).__name__}(teaching={self.teaching!r}) needs support >= {self.max_teaching_length} "
+                f"to hold the longest teaching sequence for n_bits={self.n_bits}; got support={support!r}"
             )
         info = self._functions(num_tasks, generator)
         x = self._inputs(info, support + query, generator)
-        if self.teaching:
+        if self.teaching_prob:
             rows, length = self._teaching_rows(info)
+            if self.teaching_prob < 1:  # only these draws are new: teaching=True/False episodes are unchanged
+                length = torch.where(torch.rand(num_tasks, generator=generator) < self.teaching_prob, length, 0)
             rows = rows[:, :support]
             head = torch.arange(rows.shape[1]) < length[:, None]  # [T, R]
             x = x.clone()
@@ -166,7 +180,7 @@ class NormalForm(BooleanFamily):
         literal_probs: LiteralProbs = (0.7, 0.15, 0.15),
         force: float = 0.3,
         monotone: bool = False,
-        teaching: bool = False,
+        teaching: bool | float = False,
     ) -> None:
         name = type(self).__name__
         positive_int("terms", terms, owner=name)
@@ -186,7 +200,7 @@ class NormalForm(BooleanFamily):
         self.force = probability("force", force, owner=name)
         self.monotone = monotone
         super().__init__(n_bits, teaching)
-        if teaching and terms > 1 and not monotone:
+        if self.teaching_prob and terms > 1 and not monotone:
             raise ValueError(
                 f"{name}: teaching=True with {terms} terms needs monotone=True: with negated literals the "
                 "concatenated per-term sequences do not identify the formula (Bhattamishra et al. teach monotone DNF)"
@@ -202,7 +216,7 @@ class NormalForm(BooleanFamily):
 
     @property
     def task_values(self) -> int:  # teaching rows: one-hot flips [k, n, n]
-        return self.terms * self.n_bits * (1 + (3 * self.n_bits if self.teaching else 0))
+        return self.terms * self.n_bits * (1 + (3 * self.n_bits if self.teaching_prob else 0))
 
     @property
     def example_values(self) -> int:
@@ -260,7 +274,7 @@ class Conjunction(NormalForm):
     ``info["literals"]`` is ``[T, 1, n]``. With ``monotone=True`` only positive literals (0.7/0.3).
     """
 
-    def __init__(self, n_bits: int, monotone: bool = False, teaching: bool = False) -> None:
+    def __init__(self, n_bits: int, monotone: bool = False, teaching: bool | float = False) -> None:
         super().__init__(n_bits, 1, cnf=False, literal_probs=(0.7, 0.15, 0.15), force=0.3,
                          monotone=monotone, teaching=teaching)
 
@@ -268,7 +282,7 @@ class Conjunction(NormalForm):
 class Disjunction(NormalForm):
     """Disjunctions of literals (0.7/0.15/0.15), the mirror image of ``Conjunction``: 30% of points forced negative."""
 
-    def __init__(self, n_bits: int, monotone: bool = False, teaching: bool = False) -> None:
+    def __init__(self, n_bits: int, monotone: bool = False, teaching: bool | float = False) -> None:
         super().__init__(n_bits, 1, cnf=True, literal_probs=(0.7, 0.15, 0.15), force=0.3,
                          monotone=monotone, teaching=teaching)
 
@@ -276,7 +290,7 @@ class Disjunction(NormalForm):
 class SparseDisjunction(NormalForm):
     """Disjunctions of exactly ``k`` positive literals (k = 4 in the paper's code); 30% of points forced negative."""
 
-    def __init__(self, n_bits: int, k: int = 4, teaching: bool = False) -> None:
+    def __init__(self, n_bits: int, k: int = 4, teaching: bool | float = False) -> None:
         positive_int("k", k, owner="SparseDisjunction")
         if isinstance(n_bits, int) and k > n_bits:
             raise ValueError(f"SparseDisjunction: k must be <= n_bits={n_bits}; got k={k!r}")
@@ -298,7 +312,7 @@ class DNF(NormalForm):
     ``teaching=True`` needs ``monotone=True`` (literals 0.8/0.2, the paper's TeachDNF).
     """
 
-    def __init__(self, n_bits: int, terms: int = 3, monotone: bool = False, teaching: bool = False) -> None:
+    def __init__(self, n_bits: int, terms: int = 3, monotone: bool = False, teaching: bool | float = False) -> None:
         super().__init__(n_bits, terms, cnf=False, literal_probs=(0.8, 0.1, 0.1), force=0.35,
                          monotone=monotone, teaching=teaching)
 
@@ -306,7 +320,7 @@ class DNF(NormalForm):
 class CNF(NormalForm):
     """``clauses``-clause CNF (3 in the paper), literals 0.8/0.1/0.1; 30% of points forced to falsify one clause."""
 
-    def __init__(self, n_bits: int, clauses: int = 3, monotone: bool = False, teaching: bool = False) -> None:
+    def __init__(self, n_bits: int, clauses: int = 3, monotone: bool = False, teaching: bool | float = False) -> None:
         positive_int("clauses", clauses, owner="CNF")
         super().__init__(n_bits, clauses, cnf=True, literal_probs=(0.8, 0.1, 0.1), force=0.3,
                          monotone=monotone, teaching=teaching)
@@ -371,7 +385,7 @@ class Parity(BooleanFamily):
 
     has_teaching = True
 
-    def __init__(self, n_bits: int, teaching: bool = False) -> None:
+    def __init__(self, n_bits: int, teaching: bool | float = False) -> None:
         super().__init__(n_bits, teaching)
 
     @property
@@ -394,7 +408,7 @@ class Parity(BooleanFamily):
 class SparseParity(Parity):
     """Parity of a uniformly random ``k``-subset (k = 2 in the paper); teaching sequence as for ``Parity``."""
 
-    def __init__(self, n_bits: int, k: int = 2, teaching: bool = False) -> None:
+    def __init__(self, n_bits: int, k: int = 2, teaching: bool | float = False) -> None:
         positive_int("k", k, owner="SparseParity")
         if isinstance(n_bits, int) and k > n_bits:
             raise ValueError(f"SparseParity: k must be <= n_bits={n_bits}; got k={k!r}")

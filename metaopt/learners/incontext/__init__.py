@@ -6,6 +6,7 @@ prefix and every support size in one forward pass (``PrefixLearner``). ``Momentu
 ``MesaAttention`` also plug into the causal ``Transformer`` (``Transformer(attention="momentum")``).
 """
 
+from metaopt.learners.incontext.frozen_lm import FrozenLM
 from metaopt.learners.incontext.hyena import HyenaLearner
 from metaopt.learners.incontext.linear_attention import PARAMETERIZATIONS, LinearSelfAttention
 from metaopt.learners.incontext.lstm import LSTMLearner
@@ -24,4 +25,5 @@ __all__ = [
     "MomentumAttention",
     "LSTMLearner",
     "HyenaLearner",
+    "FrozenLM",
 ]

@@ -18,6 +18,7 @@ import math
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor
 
 from metaopt.checks import positive_int
@@ -93,8 +94,6 @@ def nearest_example_heads(learners: dict[str, Learner], family: TaskFamily, run:
                           device: str = "cpu", num_tasks: int = 256, support: int = 16) -> dict[str, Any]:
     """Per learner with softmax attention, per head ``"<module> head <h>"``: the attention mass on the nearest
     earlier example, chance, and their ratio; the best head; a heat map (layers × heads of mass / chance)."""
-    import matplotlib.pyplot as plt
-
     positive_int("num_tasks", num_tasks, owner="nearest_example_heads")
     positive_int("support", support, owner="nearest_example_heads")
     episode = family.sample(num_tasks, support, 1, generator=torch.Generator().manual_seed(seeds.evaluation(13)))
@@ -118,7 +117,8 @@ def nearest_example_heads(learners: dict[str, Learner], family: TaskFamily, run:
         results[name] = {"heads": heads, "best": best, "best_ratio": heads[best]["ratio"]}
         panels.append((name, list(maps), torch.stack(rows)))
     if panels:
-        figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
+        figure = Figure(figsize=(4 * len(panels), 3))
+        axes = figure.subplots(1, len(panels), squeeze=False)
         for ax, (name, modules, ratios) in zip(axes[0], panels):
             image = ax.imshow(ratios.numpy(), cmap="viridis", vmin=0)
             ax.set_title(f"{name}: nearest-example mass / chance")
@@ -129,6 +129,5 @@ def nearest_example_heads(learners: dict[str, Learner], family: TaskFamily, run:
             figure.colorbar(image, ax=ax)
         figure.tight_layout()
         results["figure"] = str(run.save_figure(figure, "nearest_example_heads"))
-        plt.close(figure)
     run.summary({f"nearest_heads/{name}/best_ratio": r["best_ratio"] for name, r in results.items() if name != "figure"})
     return results

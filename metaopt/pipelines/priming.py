@@ -37,6 +37,7 @@ from metaopt.dynamics import priming as P
 from metaopt.dynamics.facts import CATEGORIES, Fact, FactWorld, stepping_stone_text
 from metaopt.dynamics.language_model import CausalLM, pretrain
 from metaopt.log import Run
+from metaopt.pipelines import study
 from metaopt.seeds import SeedPlan
 
 __all__ = ["PrimingExperiment", "PrimingRecipe", "build", "execute", "validate"]
@@ -346,8 +347,7 @@ def _claims(results: dict[str, Any], thresholds: PrimingClaims) -> list[dict[str
                      f">= {thresholds.priming_cut}", cut >= thresholds.priming_cut))
         rows.append((f"{label} keeps memorisation (median log S_mem, share of plain)", memory,
                      f">= {thresholds.memory_kept}", memory >= thresholds.memory_kept))
-    return [{"text": text, "measured": float(value), "threshold": bound, "holds": bool(holds)}
-            for text, value, bound, holds in rows]
+    return study.claims(rows)
 
 
 def format_report(results: dict[str, Any]) -> str:
@@ -361,24 +361,13 @@ def format_report(results: dict[str, Any]) -> str:
         lines.append(f"  {name:<16}log10 S_mem {row['log10_s_mem']:6.2f}   log10 S_prime {row['log10_s_prime']:6.2f}")
     lines += ["", f"Spearman(log prior, log S_prime) = {results['correlation']:.3f} (slope {results['slope']:.3f})",
               "", "claims:"]
-    for claim in results["claims"]:
-        verdict = "holds" if claim["holds"] else "DOES NOT HOLD"
-        lines.append(f"- {claim['text']}: {claim['measured']:.4f} ({claim['threshold']}) -> {verdict}")
+    lines += study.claim_lines(results["claims"])
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- figures
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_prior(rows: list[dict[str, Any]]):
-    plt = _pyplot()
+    plt = study.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for category in CATEGORIES:
         chosen = [r for r in rows if r["category"] == category]
@@ -398,7 +387,7 @@ def _plot_prior(rows: list[dict[str, Any]]):
 
 
 def _plot_mitigations(results: dict[str, Any]):
-    plt = _pyplot()
+    plt = study.pyplot()
     names = list(results["mitigations"])
     fig, ax = plt.subplots(figsize=(6, 4))
     width = 0.38
@@ -413,7 +402,7 @@ def _plot_mitigations(results: dict[str, Any]):
 
 
 def _plot_retention(rows: list[dict[str, Any]], retention: RetentionSettings):
-    plt = _pyplot()
+    plt = study.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     colours = dict(zip(CATEGORIES, ("tab:blue", "tab:orange", "tab:green")))
     steps = list(range(0, retention.steps + 1, retention.every))

@@ -42,6 +42,7 @@ from metaopt.checks import integer, positive_float, positive_int, probability, s
 from metaopt.config import CommonSettings, ConfigError, settings
 from metaopt.environments import load_digits_classes
 from metaopt.log import Run
+from metaopt.pipelines import study
 from metaopt.seeds import SeedPlan, generator
 
 __all__ = [
@@ -453,8 +454,7 @@ def _claims(results: dict[str, Any], thresholds: ClaimThresholds) -> list[dict[s
         ("two points a few steps apart beat it less (gain far - gain near)",
          gain["two_point_far"] - gain["two_point_near"], "> 0", gain["two_point_far"] > gain["two_point_near"]),
     ]
-    return [{"text": text, "measured": float(value), "threshold": bound, "holds": bool(holds)}
-            for text, value, bound, holds in rows]
+    return study.claims(rows)
 
 
 def format_report(results: dict[str, Any]) -> str:
@@ -468,24 +468,13 @@ def format_report(results: dict[str, Any]) -> str:
     model = results["model"]
     lines += ["", f"isotropic model: λ* = {model['curvature_lr']:.4g}, α = λ/(1-μ)/λ* = {model['alpha']:.4f}", "",
               "claims:"]
-    for claim in results["claims"]:
-        verdict = "holds" if claim["holds"] else "DOES NOT HOLD"
-        lines.append(f"- {claim['text']}: {claim['measured']:.4f} ({claim['threshold']}) -> {verdict}")
+    lines += study.claim_lines(results["claims"])
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- figures
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_batch_losses(steps: list[int], losses: Tensor, fit: T.QuadraticFit):
-    plt = _pyplot()
+    plt = study.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for b in range(losses.shape[0]):
         line, = ax.plot(steps, losses[b].numpy(), lw=0.8, alpha=0.7, label=f"batch {b} (R²={float(fit.r2[b]):.3f})")
@@ -498,7 +487,7 @@ def _plot_batch_losses(steps: list[int], losses: Tensor, fit: T.QuadraticFit):
 
 
 def _plot_curves(curves: dict, branches: dict, branch_at: int):
-    plt = _pyplot()
+    plt = study.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for column, label in ((1, "test loss"), (2, "test accuracy")):
         ax = axes[column - 1]
@@ -517,7 +506,7 @@ def _plot_curves(curves: dict, branches: dict, branch_at: int):
 
 
 def _plot_one_step(one_step: list[T.OneStep]):
-    plt = _pyplot()
+    plt = study.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for b, probe in enumerate(one_step):
         line, = ax.plot(probe.lrs, [loss if math.isfinite(loss) else float("nan") for loss in probe.losses],

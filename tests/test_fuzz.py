@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from typing import Any, Callable
 
 import numpy as np
@@ -115,7 +116,8 @@ def boolean_spec(cls: type, **extra: tuple[Any, st.SearchStrategy]) -> Spec:
     return Spec(cls, lambda: {"n_bits": 5, **{k: v[0] for k, v in extra.items()}}, bad, sizes=(8, 2))
 
 
-TEACHING = (False, BOOLEAN)
+TEACHING = (False, st.sampled_from(["no", "yes", "False", "", None, [], 1.5, -0.1, math.nan, math.inf, np.True_]))
+"""``teaching`` is a bool or the probability of a teaching sequence per task: only other values are bad."""
 MONOTONE = (False, BOOLEAN)
 SPECS: list[Spec] = [
     Spec(LinearRegression, lambda: {"dim": 3}, {
@@ -239,8 +241,10 @@ def test_missing_image_folders_are_refused_with_the_expected_layout(tmp_path):
 
 def test_boolean_flags_are_not_read_as_truthy_strings():
     """``Conjunction(monotone="no")`` once meant monotone=True; every flag now takes only True or False."""
-    for cls, flag in ((Conjunction, "monotone"), (DNF, "monotone"), (CNF, "teaching"), (Parity, "teaching")):
-        with pytest.raises(ValueError, match=f"{flag} must be a bool; got 'no'"):
+    for cls, flag, allowed in ((Conjunction, "monotone", "a bool"), (DNF, "monotone", "a bool"),
+                               (CNF, "teaching", "a bool or a probability in [0, 1]"),
+                               (Parity, "teaching", "a bool or a probability in [0, 1]")):
+        with pytest.raises(ValueError, match=re.escape(f"{flag} must be {allowed}; got 'no'")):
             cls(n_bits=4, **{flag: "no"})
     with pytest.raises(ValueError, match="rotations must be a bool"):
         FewShotImages(glyphs(), ways=2, shots=1, queries=1, rotations="no")

@@ -67,10 +67,11 @@ class FrozenLM(PrefixLearner):
 
     @classmethod
     def example(cls) -> Example:
-        return Example(cls(4, max_support=4, world={"entities": 6, "new_entities": 2, "documents": 16, "length": 12},
-                           model={"n_embd": 8, "n_layer": 1, "n_head": 2},
-                           pretrain={"steps": 2, "batch_size": 4}, cache_dir=None),
-                       Conjunction(n_bits=4))
+        learner = cls(4, max_support=12, world={"entities": 6, "new_entities": 2, "documents": 16, "length": 12},
+                      model={"n_embd": 8, "n_layer": 1, "n_head": 2}, pretrain={"steps": 2, "batch_size": 4},
+                      cache_dir=None)
+        learner.ensure_pretrained()  # pretraining trains the LM: not inside the callers' torch.func transforms
+        return Example(learner, Conjunction(n_bits=4))
 
     def __init__(self, x_dim: int, max_support: int, y_dim: int = 1, *, world: dict[str, Any] | None = None,
                  model: dict[str, Any] | None = None, pretrain: dict[str, Any] | None = None, seed: int = 0,

@@ -23,7 +23,7 @@ __all__ = ["LEARN2LEARN_HINT", "import_learn2learn", "torchvision_extension_load
 
 LEARN2LEARN_HINT = (
     "learn2learn is an optional extra of metaopt: install it with `make learn2learn` (on Python >= 3.11 its "
-    "sdist must be rebuilt with current Cython, which that target does; see DESIGN.md, 'Data sources')"
+    "sdist must be rebuilt with current Cython, which that target does; the Makefile says why)"
 )
 
 # Kept alive for the life of the process: dropping a torch.library.Library removes what it defined.

@@ -1,7 +1,7 @@
 """Learned-optimizer hot paths against what a user would otherwise run.
 
 - ``as_torch_optimizer(LayerwiseMixture)`` step time on a ~1M-parameter MLP vs ``torch.optim.Adam(foreach=True)``
-  (the issue's target: at most 2×). Only ``step()`` is timed, on fixed gradients.
+  (the target: at most 2×). Only ``step()`` is timed, on fixed gradients.
 - Memory of a 50-step unrolled meta-gradient of a LayerwiseMixture: full backprop, truncated (last 10 steps),
   first-order, and antithetic ES: the peak bytes of distinct storages that autograd holds for backward passes
   at any one time (counted with ``saved_tensors_hooks``; ES holds only one inner step's graph at a time).

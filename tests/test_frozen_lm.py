@@ -1,4 +1,4 @@
-"""The frozen-LM in-context learner, teaching-sequence mixing and the nearest-example head analysis (issue 13.3)."""
+"""The frozen-LM in-context learner, teaching-sequence mixing and the nearest-example head analysis."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The reproduction recipes of issue 4: each loads, builds, and runs end to end when shrunk drastically.
+"""The paper reproduction recipes: each loads, builds, and runs end to end when shrunk drastically.
 
 The full runs (minutes each) are recorded in docs/reproductions.md; the slow test below re-runs the
 fastest one and checks its paper claims.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -89,21 +90,35 @@ def target_dataset(name: str, *, image_size: int, classes: int, sizes: tuple[int
 
 
 # ---------------------------------------------------------------------- pretraining (cached)
+PRETRAIN_SEED_INDEX = 1
+"""The pretraining seed is ``item_seed(recipe seed, PRETRAIN_SEED_INDEX)``: the study and
+:class:`metaopt.learners.MemoryTokens` agree on it, so they share one cached ViT."""
+
+
+def canonical_vit(vit: Mapping[str, Any]) -> dict[str, Any]:
+    """``vit`` with every :class:`ViT` default filled in (except ``num_classes``), so equal models hash equally."""
+    bound = inspect.signature(ViT).bind_partial(**vit)
+    bound.apply_defaults()
+    return {name: value for name, value in bound.arguments.items() if name != "num_classes"}
+
+
 def pretrained_vit(vit: Mapping[str, Any], *, classes: int, per_class: int, steps: int, batch_size: int, lr: float,
-                   seed: int, cache_dir: str | Path) -> tuple[ViT, Path, bool]:
+                   seed: int, cache_dir: str | Path | None) -> tuple[ViT, Path | None, bool]:
     """A ViT pretrained on ``classes`` glyph classes of the train split, from the cache when it is there.
 
     Returns ``(model, path, cached)``. The training set is ``per_class`` rendered samples of each class
     (rendering is the slow part, so it happens once); AdamW with a one-cycle schedule. The cache file is
-    named by a hash of the ViT's settings and the pretraining's, and written atomically.
+    named by a hash of the ViT's settings and the pretraining's, and written atomically; ``cache_dir=None``
+    pretrains without caching (``path`` is then None).
     """
-    settings = {"vit": dict(vit), "classes": classes, "per_class": per_class, "steps": steps,
+    vit = canonical_vit(vit)
+    settings = {"vit": vit, "classes": classes, "per_class": per_class, "steps": steps,
                 "batch_size": batch_size, "lr": lr, "seed": seed,
                 "source": repr(Glyphs(size=vit.get("image_size", 28)))}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"vit-{key}.pt"
+    path = None if cache_dir is None else Path(cache_dir) / f"vit-{key}.pt"
     model = ViT(**vit, num_classes=classes)
-    if path.is_file():
+    if path is not None and path.is_file():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval(), path, True
     torch.manual_seed(seed)
@@ -122,7 +137,8 @@ def pretrained_vit(vit: Mapping[str, Any], *, classes: int, per_class: int, step
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-    checkpoints.save(model.state_dict(), path)
+    if path is not None:
+        checkpoints.save(model.state_dict(), path)
     return model.eval(), path, False
 
 
@@ -230,7 +246,8 @@ def memory_token_study(run: Run, seeds: SeedPlan, *, vit: Mapping[str, Any], pre
     sizes = tuple(positive_int("sizes", s, owner="memory_token_study") for s in sizes)
     cache = Path(cache_dir) if cache_dir is not None else run.path / "pretrained"
     image_size = int(vit.get("image_size", 28))
-    backbone, path, cached = pretrained_vit(vit, seed=item_seed(seeds.seed, 1), cache_dir=cache, **pretrain)
+    backbone, path, cached = pretrained_vit(vit, seed=item_seed(seeds.seed, PRETRAIN_SEED_INDEX), cache_dir=cache,
+                                            **pretrain)
     source_test = source_test_set(pretrain["classes"], 10, image_size, item_seed(seeds.seed, 2))
     results: dict[str, Any] = {"pretrained": {"path": str(path), "cached": cached,
                                               "accuracy": accuracy(backbone, source_test)}}
@@ -345,5 +362,5 @@ def _figure(results: Mapping[str, Any], names: Sequence[str]):
     return figure
 
 
-__all__ = ["MODES", "TARGETS", "Split", "Claim", "target_dataset", "pretrained_vit", "source_test_set",
-           "fine_tune", "fine_tune_task", "accuracy", "memory_token_study"]
+__all__ = ["MODES", "TARGETS", "PRETRAIN_SEED_INDEX", "Split", "Claim", "target_dataset", "canonical_vit",
+           "pretrained_vit", "source_test_set", "fine_tune", "fine_tune_task", "accuracy", "memory_token_study"]

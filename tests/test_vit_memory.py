@@ -166,6 +166,37 @@ def test_pretraining_is_cached_and_reused(tmp_path):
         MemoryTokens(ways=2, **SMALL, pretrained=str(tmp_path / "missing.pt"))
 
 
+def test_pretrain_on_first_use_shares_the_studys_cached_vit(tmp_path):
+    from metaopt.finetune import PRETRAIN_SEED_INDEX
+    from metaopt.seeds import item_seed
+
+    pretrain = dict(classes=4, per_class=3, steps=2, batch_size=8, lr=1e-3)
+    learner = MemoryTokens(ways=2, **SMALL, steps=1, pretrain=pretrain, seed=3, cache_dir=str(tmp_path),
+                           freeze_backbone=True)
+    untouched = learner.model.backbone.pos_embed.detach().clone()
+    assert not bool(learner.pretrained) and not list(tmp_path.iterdir())  # building costs nothing
+    episode = FewShotImages(Glyphs(size=SMALL["image_size"]), ways=2, shots=1, queries=1).sample(
+        2, 2, 2, generator=torch.Generator().manual_seed(0))
+    state = torch.get_rng_state()
+    learner(episode)
+    assert torch.equal(torch.get_rng_state(), state)  # pretraining does not move the caller's stream
+    # the study's pretraining (the recipe's seed through the same derivation) wrote the file the learner loaded
+    study, path, cached = pretrained_vit(SMALL, seed=item_seed(3, PRETRAIN_SEED_INDEX), cache_dir=tmp_path, **pretrain)
+    assert cached and list(tmp_path.iterdir()) == [path]
+    assert torch.equal(learner.model.backbone.pos_embed, study.pos_embed)
+    assert not torch.equal(learner.model.backbone.pos_embed, untouched)
+    assert not any(p.requires_grad for p in learner.model.backbone.parameters())
+    # a learner restored from a checkpoint keeps its backbone and does not pretrain again
+    restored = MemoryTokens(ways=2, **SMALL, steps=1, pretrain=pretrain, seed=3, cache_dir=str(tmp_path / "elsewhere"))
+    restored.load_state_dict(learner.state_dict())
+    restored(episode)
+    assert not (tmp_path / "elsewhere").exists()
+    with pytest.raises(ValueError, match="not both"):
+        MemoryTokens(ways=2, **SMALL, pretrained=str(path), pretrain=pretrain)
+    with pytest.raises(ValueError, match="pretrain takes exactly"):
+        MemoryTokens(ways=2, **SMALL, pretrain={"classes": 4})
+
+
 def test_memory_vit_without_memory_is_the_frozen_features():
     torch.manual_seed(0)
     backbone = ViT(**SMALL, num_classes=None)

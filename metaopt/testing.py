@@ -61,6 +61,13 @@ DISTILLATION_TINY = [
 ]
 """A run of the ``distillation`` pipeline (recipes/decentralized_distillation.yaml) in a few seconds."""
 
+TINY_FROZEN_LM = [
+    "learners.frozen_lm.world.entities=6", "learners.frozen_lm.world.new_entities=2",
+    "learners.frozen_lm.world.documents=16", "learners.frozen_lm.world.length=12",
+    "learners.frozen_lm.model.n_embd=8", "learners.frozen_lm.model.n_layer=1", "learners.frozen_lm.model.n_head=2",
+    "learners.frozen_lm.pretrain.steps=2", "learners.frozen_lm.pretrain.batch_size=4",
+]
+"""A fact-world LM of a few numbers pretrained for two steps, for the frozen-LM recipes."""
 _EXTRA = {
     # fewer queries per class (the query sizes follow), and one short sequence length for the accuracy matrices
     "continual_hypertransformer": [
@@ -76,13 +83,14 @@ _EXTRA = {
     ],
     # a tiny fact-world LM pretrained for two steps; the hooks on a few tasks
     "frozen_lm_boolean": [
-        "learners.frozen_lm.world.entities=6", "learners.frozen_lm.world.new_entities=2",
-        "learners.frozen_lm.world.documents=16", "learners.frozen_lm.world.length=12",
-        "learners.frozen_lm.model.n_embd=8", "learners.frozen_lm.model.n_layer=1", "learners.frozen_lm.model.n_head=2",
-        "learners.frozen_lm.pretrain.steps=2", "learners.frozen_lm.pretrain.batch_size=4",
+        *TINY_FROZEN_LM,
         "evaluate=[{_target_: metaopt.analysis.teaching.compare_teaching, teaching: true, support_sizes: [0, 10], "
-        "num_tasks: 8, query: 1, claims: [{text: teaching, learner: frozen_lm, k: 10, above: 0.95}]}, "
-        "{_target_: metaopt.analysis.nearest_heads.nearest_example_heads, num_tasks: 4, support: 16}]",
+        "num_tasks: 8, query: 1, claims: [{text: teaching, learner: frozen_lm, k: 10, above: 0.95}]}]",
+    ],
+    "frozen_lm_nearest_neighbour": [
+        *TINY_FROZEN_LM,
+        "evaluate=[{_target_: metaopt.analysis.nearest_heads.nearest_example_heads, num_tasks: 4, support: 20, "
+        "claims: [{text: a nearest-example head, learner: frozen_lm, above: 1.0}]}]",
     ],
 }
 """What some recipes need beyond the common shrinking, by recipe name (later overrides win)."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metaopt.analysis.nearest_heads import attention_maps, nearest_example_mass, nearest_examples
+from metaopt.analysis.nearest_heads import attention_maps, nearest_example_heads, nearest_example_mass, nearest_examples
 from metaopt.learners import FrozenLM, Transformer
 from metaopt.learners.attention import SoftmaxAttention
 from metaopt.tasks import Conjunction
@@ -99,3 +99,25 @@ def test_attention_maps_recompute_the_fused_attention():
     out = attn.proj((maps["blocks.0.attn"] @ v).transpose(1, 2).reshape(B, L, 8))
     assert torch.allclose(out, seen["out"], atol=1e-5)
     assert torch.allclose(maps["blocks.0.attn"].sum(-1), torch.ones(B, 2, L))
+
+
+def test_nearest_example_heads_claims_bound_the_best_head_and_refuse_bad_specs(tmp_path):
+    from metaopt.log import Run
+    from metaopt.seeds import SeedPlan
+    from metaopt.tasks import NearestNeighbour
+
+    torch.manual_seed(0)
+    learners = {"transformer": Transformer(4, max_support=6, n_embd=8, n_layer=1, n_head=2)}
+    run = Run("heads", {}, root=tmp_path, wandb_mode="disabled")
+    claims = [{"text": "low bar", "learner": "transformer", "above": 1e-6},
+              {"text": "high bar", "learner": "transformer", "above": 1e6}]
+    results = nearest_example_heads(learners, NearestNeighbour(4, random_prefix=2), run, SeedPlan(0), num_tasks=4,
+                                    support=6, claims=claims)
+    best = results["transformer"]["best_ratio"]
+    assert [c["holds"] for c in results["claims"]] == [True, False]
+    assert all(c["measured"] == best for c in results["claims"])
+    with pytest.raises(ValueError, match="claims\\[0\\] takes text, learner and above"):
+        nearest_example_heads(learners, NearestNeighbour(4), run, SeedPlan(0), claims=[{"text": "t", "k": 3}])
+    with pytest.raises(ValueError, match="no softmax attention heads"):
+        nearest_example_heads(learners, NearestNeighbour(4, random_prefix=2), run, SeedPlan(0), num_tasks=2,
+                              support=6, claims=[{"text": "t", "learner": "nn_1", "above": 1.0}])

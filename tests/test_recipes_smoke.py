@@ -25,6 +25,7 @@ REPRODUCTIONS = [
     "boolean_architectures_parity",
     "icl_vs_finetuning",
     "frozen_lm_boolean",
+    "frozen_lm_nearest_neighbour",
 ]
 # The variants docs/reproductions.md names as overrides.
 VARIANTS = [

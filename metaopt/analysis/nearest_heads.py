@@ -14,14 +14,15 @@ the scores.
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from metaopt.checks import positive_int
+from metaopt.checks import positive_float, positive_int
 from metaopt.learners.attention import SoftmaxAttention
 from metaopt.learners.base import Learner
 from metaopt.log import Run
@@ -29,6 +30,8 @@ from metaopt.seeds import SeedPlan
 from metaopt.tasks.base import TaskFamily
 
 __all__ = ["attention_maps", "nearest_example_heads", "nearest_example_mass", "nearest_examples"]
+
+logger = logging.getLogger(__name__)
 
 
 def nearest_examples(x: Tensor) -> Tensor:
@@ -90,12 +93,29 @@ def attention_maps(learner: Learner, episode: Any) -> dict[str, Tensor]:
     return maps
 
 
+def _check_claims(claims: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    checked = []
+    for i, claim in enumerate(claims):
+        claim = dict(claim)
+        if sorted(claim) != ["above", "learner", "text"]:
+            raise ValueError(f"nearest_example_heads: claims[{i}] takes text, learner and above (a bound on the "
+                             f"learner's best head's mass / chance); got {sorted(claim)}")
+        checked.append(claim | {"above": positive_float(f"claims[{i}].above", claim["above"],
+                                                        owner="nearest_example_heads")})
+    return checked
+
+
 def nearest_example_heads(learners: dict[str, Learner], family: TaskFamily, run: Run, seeds: SeedPlan,
-                          device: str = "cpu", num_tasks: int = 256, support: int = 16) -> dict[str, Any]:
+                          device: str = "cpu", num_tasks: int = 256, support: int = 16,
+                          claims: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """Per learner with softmax attention, per head ``"<module> head <h>"``: the attention mass on the nearest
-    earlier example, chance, and their ratio; the best head; a heat map (layers × heads of mass / chance)."""
+    earlier example, chance, and their ratio; the best head; a heat map (layers × heads of mass / chance).
+
+    ``claims`` bound a learner's best ratio from below (``{text, learner, above}``): "some head of this learner
+    attends to the nearest earlier example ``above`` times more than uniform attention would"."""
     positive_int("num_tasks", num_tasks, owner="nearest_example_heads")
     positive_int("support", support, owner="nearest_example_heads")
+    claims = _check_claims(claims)
     episode = family.sample(num_tasks, support, 1, generator=torch.Generator().manual_seed(seeds.evaluation(13)))
     results: dict[str, Any] = {}
     panels = []
@@ -130,4 +150,15 @@ def nearest_example_heads(learners: dict[str, Learner], family: TaskFamily, run:
         figure.tight_layout()
         results["figure"] = str(run.save_figure(figure, "nearest_example_heads"))
     run.summary({f"nearest_heads/{name}/best_ratio": r["best_ratio"] for name, r in results.items() if name != "figure"})
+    if claims:
+        ratio = {name: r["best_ratio"] for name, r in results.items() if name != "figure"}
+        for claim in claims:
+            if claim["learner"] not in ratio:
+                raise ValueError(f"nearest_example_heads: claim about {claim['learner']!r}, which has no softmax "
+                                 f"attention heads (those that do: {sorted(ratio)})")
+        results["claims"] = [{"text": c["text"], "learner": c["learner"], "measured": ratio[c["learner"]],
+                              "above": c["above"], "holds": ratio[c["learner"]] > c["above"]} for c in claims]
+        logger.info("nearest-example heads, claims (paper vs measured):\n%s", "\n".join(
+            f"- {c['text']}\n    {c['learner']}'s best head: mass / chance {c['measured']:.2f} (expected > "
+            f"{c['above']:g}) -> {'holds' if c['holds'] else 'DOES NOT HOLD'}" for c in results["claims"]))
     return results

@@ -12,8 +12,9 @@ TORCHVISION ?= torchvision==0.28.0
 L2L_VERSION := 0.2.0
 L2L_BUILD := $(VENV)/build/learn2learn
 L2L_STAMP := $(VENV)/.learn2learn
+DOCS_STAMP := $(VENV)/.docs
 
-.PHONY: setup learn2learn demo test test-all bench gpu-check clean
+.PHONY: setup learn2learn demo test test-all bench docs gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -47,10 +48,19 @@ test-all: $(L2L_STAMP)
 bench: $(L2L_STAMP)
 	$(BIN)/metaopt bench $(ARGS)
 
+# The documentation site (docs/, mkdocs.yml; the API pages from the docstrings) into site/. --strict fails on a dead
+# link, an unknown anchor or a page missing from the navigation.
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e ".[docs]"
+	touch $@
+
+docs: $(DOCS_STAMP)
+	$(BIN)/mkdocs build --strict
+
 # On a machine with CUDA (the venv's torch must be a CUDA build there): every recipe shrunk in fp32 and bf16, the
 # benchmarks on the GPU, a 2-process NCCL run when 2 GPUs exist; under 8 minutes, one JSON in benchmarks/results/.
 gpu-check: $(STAMP)
 	$(BIN)/python -m benchmarks gpu $(ARGS)
 
 clean:
-	rm -rf $(VENV) runs wandb .pytest_cache *.egg-info
+	rm -rf $(VENV) runs wandb site .pytest_cache *.egg-info

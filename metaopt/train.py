@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence, get_args
 
 import torch
-from tqdm.auto import tqdm
 
 from metaopt import checkpoints, distributed
 from metaopt.checks import non_negative_float, non_negative_int, one_of, optional, positive_float, positive_int
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
 from metaopt.log import Run
+from metaopt.progress import Progress
 from metaopt.runtime import LossScaler, Precision, autocast, check_precision, compile_loss
 from metaopt.seeds import SeedPlan, generator
 from metaopt.streams import TrainingStreams
@@ -76,6 +76,11 @@ class Stage:
 
     def at(self, step: int) -> int:
         return min(self.end, self.start + self.increment * (step // self.every))
+
+    @property
+    def full_at(self) -> int:
+        """The first step at which the stage is at ``end``."""
+        return self.every * math.ceil((self.end - self.start) / self.increment)
 
 
 @dataclass
@@ -143,6 +148,23 @@ class TrainSettings:
         stage = self.curriculum.support
         if stage is not None and stage.end != self.support:
             raise ValueError(f"curriculum.support.end ({stage.end}) must equal support ({self.support})")
+
+    def unfinished_curriculum(self) -> list[str]:
+        """Why ``steps`` is too few for the curriculum, one sentence per stage that does not reach its ``end``
+        by the last step (empty when every stage finishes)."""
+        problems = []
+        for key in ("dims", "support"):
+            stage = getattr(self.curriculum, key)
+            if stage is None or stage.at(self.steps - 1) == stage.end:
+                continue
+            increments = math.ceil((stage.end - stage.start) / stage.increment)
+            every = (self.steps - 1) // increments
+            fix = f"train.steps >= {stage.full_at + 1}" + (f" or train.curriculum.{key}.every <= {every}" if every
+                                                          else "")
+            problems.append(f"{self.steps} steps are too few for curriculum.{key} to reach {stage.end}: it is at "
+                            f"{stage.at(self.steps - 1)} when training ends and reaches {stage.end} only at step "
+                            f"{stage.full_at}; set {fix}")
+        return problems
 
     def check_family(self, family: TaskFamily) -> None:
         """Refuse a family these settings cannot train on (a dimension curriculum needs ``with_active_dims``)."""
@@ -430,15 +452,14 @@ class MetaTrainer:
         start, started_at = self.step, time.perf_counter()
         loss_value, val_loss = float("nan"), None
         self.learner.train()
-        # disable=None: a bar on a terminal, plain log lines at each validation otherwise (CI, files)
-        bar = tqdm(total=self.steps, initial=self.step, desc=f"train {self.name}", dynamic_ncols=True,
-                   disable=None if self.progress and self.world.is_main else True, mininterval=0.5)
+        # a bar on a terminal; otherwise (CI, files, a notebook) log lines at each validation and every minute
+        bar = Progress(self.steps, f"train {self.name}", enabled=self.progress and self.world.is_main,
+                       unit="step", initial=self.step, every=60.0)
         before = None
 
         def recover(bad: int, loss: float) -> None:
             self._handle_nonfinite(bad, loss)  # raises unless it rolled back
-            bar.reset(total=self.steps)
-            bar.update(self.step)
+            bar.restart(self.step)
 
         try:
             while self.step < self.steps:
@@ -456,7 +477,7 @@ class MetaTrainer:
                 validating = self.step % self.val_every == 0 or self.step == self.steps
                 checkpointing = self.step % self.checkpoint_every == 0 or self.step == self.steps
                 if not (self.step % self.log_every == 0 or validating or checkpointing):
-                    bar.update(1)
+                    bar.update()
                     continue
                 bad, loss_value, grad_norm = self._read_pending()
                 if bad is not None:
@@ -470,20 +491,19 @@ class MetaTrainer:
                     for hook in self.on_validate:
                         extra.update(hook(self))
                     self._log({"val_loss": val_loss, **extra})
-                    if bar.disable and self.progress and self.world.is_main:
+                    if bar.logs:
                         logger.info("%s step %d/%d loss %.4f val %.4f (%.1f steps/s)", self.name, self.step,
                                     self.steps, loss_value, val_loss,
                                     (self.step - start) / (time.perf_counter() - started_at))
                 if checkpointing:
                     self.save_checkpoint()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", val=f"{val_loss:.4f}" if val_loss is not None else "-")
+                bar.update(loss=f"{loss_value:.4f}", val=f"{val_loss:.4f}" if val_loss is not None else "-")
         except KeyboardInterrupt:
             bar.close()
             raise KeyboardInterrupt(self._save_on_interrupt(before)) from None
         bar.close()
         seconds = time.perf_counter() - started_at
-        if self.step > start:
+        if self.step > start and not bar.logs:  # (the progress lines end with the same)
             logger.info("%s: %d steps in %.1fs (%.1f steps/s)", self.name, self.step - start, seconds,
                         (self.step - start) / seconds)
         return TrainResult(self.step, loss_value, val_loss, seconds, self.history)

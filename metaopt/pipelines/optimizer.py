@@ -42,12 +42,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import optimizers as O
-from metaopt import checkpoints, wandb_native
+from metaopt import checkpoints, distributed, wandb_native
 from metaopt.checks import positive_float, positive_int, sequence_of
 from metaopt.config import (
     CommonSettings, ConfigError, build_instance, check_spec, import_target, instantiate, plain, settings,
 )
 from metaopt.log import Run
+from metaopt.progress import Progress
 from metaopt.seeds import SeedPlan, generator
 from optimizers.environments import Environment, OptimizerFactory
 
@@ -264,13 +265,18 @@ def tune_learning_rate(
     *,
     steps: int,
     seeds: Sequence[int],
+    on_curve: Callable[[], None] = lambda: None,
 ) -> LrSearch:
-    """The learning rate of ``grid`` with the lowest mean whole-set training loss after ``steps`` steps."""
+    """The learning rate of ``grid`` with the lowest mean whole-set training loss after ``steps`` steps
+    (``on_curve`` is called after each training run, one per rate and seed)."""
     if not grid:
         raise ValueError("the learning-rate grid is empty; give at least one value")
     scores = {}
     for lr in grid:
-        finals = [float(environment.curve(lambda _, lr=lr: make(lr), None, steps, generator(s))[-1]) for s in seeds]
+        finals = []
+        for seed in seeds:
+            finals.append(float(environment.curve(lambda _, lr=lr: make(lr), None, steps, generator(seed))[-1]))
+            on_curve()
         mean = sum(finals) / len(finals)
         scores[float(lr)] = mean if math.isfinite(mean) else math.inf
     return LrSearch(min(scores, key=scores.get), scores)
@@ -428,10 +434,15 @@ def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False, 
     long = horizon * ev.horizon_factor
     reference = experiment.tuning.reference
 
+    shown = experiment.config.progress and distributed.is_main()
+
     # 1. tuned baselines on the first environment at T
     tune_seeds = [seeds.baseline_tuning(i) for i in range(experiment.tuning.seeds)]
-    searches = {name: tune_learning_rate(first, make, experiment.grids[name], steps=horizon, seeds=tune_seeds)
-                for name, make in experiment.baselines.items()}
+    runs = sum(len(grid) for grid in experiment.grids.values()) * len(tune_seeds)
+    with Progress(runs, "tune baselines", enabled=shown, unit="run") as bar:
+        searches = {name: tune_learning_rate(first, make, experiment.grids[name], steps=horizon, seeds=tune_seeds,
+                                             on_curve=lambda name=name: bar.update(1, baseline=name))
+                    for name, make in experiment.baselines.items()}
     for name, search in searches.items():
         logger.info("tuned %s: lr=%g (grid scores %s)", name, search.best, search.scores)
     run.summary({f"tuned_lr/{name}": search.best for name, search in searches.items()})
@@ -444,14 +455,21 @@ def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False, 
         meta_results = _load_meta_trained(learned, trained)
     for index, (name, module) in enumerate(learned.items() if train else ()):
         start = time.perf_counter()
+        done = _checkpointed_step(run, name) if resume else 0
         if resume:  # the rows of meta-steps after the checkpoint are logged again
-            key, done = f"{name}/meta_step", _checkpointed_step(run, name)
+            key = f"{name}/meta_step"
             run.discard_rows(lambda row: row.get(key, -1) >= done)
-        losses = meta_train(module, first, experiment.estimator(), steps=m.steps, lr=m.lr, grad_clip=m.grad_clip,
-                            generator=generator(seeds.meta_training(index)),
-                            log=lambda metrics, name=name: run.log({f"{name}/{k}": v for k, v in metrics.items()}),
-                            checkpoint_dir=run.checkpoint_dir / name if run.writes else None,
-                            checkpoint_every=m.checkpoint_every)
+        bar = Progress(m.steps, f"meta-train {name}", enabled=shown, unit="meta-step", initial=done)
+
+        def log(metrics: dict[str, float], name: str = name, bar: Progress = bar) -> None:
+            run.log({f"{name}/{k}": v for k, v in metrics.items()})
+            bar.update(1, meta_loss=f"{metrics['meta_loss']:.4f}")
+
+        with bar:
+            losses = meta_train(module, first, experiment.estimator(), steps=m.steps, lr=m.lr,
+                                grad_clip=m.grad_clip, generator=generator(seeds.meta_training(index)), log=log,
+                                checkpoint_dir=run.checkpoint_dir / name if run.writes else None,
+                                checkpoint_every=m.checkpoint_every)
         meta_results[name] = {"first_meta_loss": losses[0], "last_meta_loss": losses[-1],
                               "seconds": time.perf_counter() - start, "meta_steps": m.steps}
         if run.writes:
@@ -467,12 +485,16 @@ def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False, 
     eval_seeds = [seeds.evaluation(i) for i in range(ev.seeds)]
     curves: dict[str, dict[str, torch.Tensor]] = {}
     evaluation: dict[str, Any] = {}
-    with torch.no_grad():
+    with torch.no_grad(), Progress(len(environments) * len(factories) * len(eval_seeds), "evaluate",
+                                   enabled=shown, unit="run") as bar:
         for env_name, env in environments.items():
-            curves[env_name] = {
-                name: torch.stack([env.curve(factory, None, long, generator(s)) for s in eval_seeds]).mean(0)
-                for name, factory in factories.items()
-            }
+            curves[env_name] = {}
+            for name, factory in factories.items():
+                runs = []
+                for s in eval_seeds:
+                    runs.append(env.curve(factory, None, long, generator(s)))
+                    bar.update(1, environment=env_name)
+                curves[env_name][name] = torch.stack(runs).mean(0)
             evaluation[env_name] = _horizon_results(curves[env_name], {"T": horizon, f"{ev.horizon_factor}T": long},
                                                     reference)
 
@@ -502,7 +524,8 @@ def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False, 
     run.summary({f"{env}/{h}/{name}/steps_to_reference_final": r["steps_to_reference_final"]
                  for env, by_h in evaluation.items() for h, rows in by_h.items()
                  for name, r in rows["optimizers"].items()})
-    return results, f"{format_table(results)}\n\nresults: {run.path / 'results.json'}\nfigures: {run.figure_dir}"
+    return results, (f"{format_table(results)}\n\nresults: {run.path / 'results.json'}\nfigures: {run.figure_dir}\n"
+                     f"run:     {run.path}")
 
 
 def _save_learned_files(run: Run, learned: dict[str, nn.Module], results: dict[str, Any]) -> None:

@@ -12,12 +12,15 @@ every rank from the same gathered predictions.
 
 from __future__ import annotations
 
+import csv
+import io
+import shutil
+import textwrap
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from matplotlib.figure import Figure
-from tqdm.auto import tqdm
 
 from metaopt import distributed
 from metaopt.analysis.suite import format_analysis, parse_analyses, plot_analysis, run_analyses
@@ -25,6 +28,7 @@ from metaopt.checks import non_negative_int, positive_int, sequence_of
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
 from metaopt.metrics import Metric, bootstrap_band, prediction_similarity
+from metaopt.progress import Progress
 from metaopt.seeds import comparison_streams, generator
 from metaopt.tasks.base import TaskFamily
 
@@ -115,6 +119,7 @@ class Comparison:
     claims: list[Claim] = field(default_factory=list)
     analysis: dict[str, dict[str, dict]] = field(default_factory=dict)
     analysis_skipped: dict[str, dict[str, str]] = field(default_factory=dict)
+    kind: str = "regression"  # the episodes' kind: what the prediction similarity compares (COMPARED_AS)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,25 +134,33 @@ class Comparison:
 
 @torch.no_grad()
 def predict_all(
-    learner: Learner, episode: Episode, support_sizes: Sequence[int], chunk_size: int = 512
+    learner: Learner, episode: Episode, support_sizes: Sequence[int], chunk_size: int = 512, *,
+    on_chunk: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Query predictions ``[K, T, Q, ...]`` for each support size, over chunks of tasks.
 
-    In a distributed run each rank predicts a contiguous block of whole chunks and every rank gets all of
-    them back (on the CPU).
+    In a distributed run each rank predicts a contiguous block of whole chunks (:func:`own_chunks` of them)
+    and every rank gets all of them back (on the CPU). ``on_chunk`` is called after each chunk this rank predicts.
     """
     was_training = learner.training
     learner.eval()
-    starts = range(0, episode.num_tasks, chunk_size)
     current = distributed.world()
-    chunks = [
-        learner.predict_by_support_size(episode.select_tasks(slice(start, start + chunk_size)), support_sizes)
-        for start in starts[distributed.share(len(starts), current)]
-    ]
+    chunks = []
+    for start in own_chunks(episode.num_tasks, chunk_size):
+        chunks.append(learner.predict_by_support_size(episode.select_tasks(slice(start, start + chunk_size)),
+                                                      support_sizes))
+        if on_chunk is not None:
+            on_chunk()
     learner.train(was_training)
     if current.size > 1:
         chunks = [chunk for rank in distributed.all_gather_objects([c.cpu() for c in chunks]) for chunk in rank]
     return torch.cat(chunks, dim=1)
+
+
+def own_chunks(num_tasks: int, chunk_size: int) -> range:
+    """The first task of every chunk this rank predicts (all of them in a single process)."""
+    starts = range(0, num_tasks, chunk_size)
+    return starts[distributed.share(len(starts), distributed.world())]
 
 
 def score_by_support_size(
@@ -196,13 +209,15 @@ def compare(
     band_generator = generator(band_seed)
     predictions: dict[str, torch.Tensor] = {}
     curves: dict[str, Curve] = {}
-    quiet = not (progress and distributed.is_main())
-    for name, learner in tqdm(learners.items(), desc="compare", disable=None if not quiet else True, leave=False):
-        learner.to(device)
-        predictions[name] = predict_all(learner, episode, support_sizes, chunk_size).cpu()
-        per_task = score_by_support_size(metric, predictions[name], episode.to("cpu"), support_sizes)
-        low, high = bootstrap_band(per_task, resamples=bootstrap, generator=band_generator)
-        curves[name] = Curve(per_task.mean(-1).tolist(), low.tolist(), high.tolist(), learner.implicit)
+    total = len(learners) * len(own_chunks(num_tasks, chunk_size))
+    with Progress(total, "compare", enabled=progress and distributed.is_main(), unit="chunk") as bar:
+        for name, learner in learners.items():
+            learner.to(device)
+            predictions[name] = predict_all(learner, episode, support_sizes, chunk_size,
+                                            on_chunk=lambda name=name: bar.update(1, learner=name)).cpu()
+            per_task = score_by_support_size(metric, predictions[name], episode.to("cpu"), support_sizes)
+            low, high = bootstrap_band(per_task, resamples=bootstrap, generator=band_generator)
+            curves[name] = Curve(per_task.mean(-1).tolist(), low.tolist(), high.tolist(), learner.implicit)
     similarity = {}
     for a, curve_a in curves.items():
         for b, curve_b in curves.items():
@@ -210,7 +225,8 @@ def compare(
                 sim = prediction_similarity(episode.kind.comparable(predictions[a]),
                                             episode.kind.comparable(predictions[b]))
                 similarity[f"{a} vs {b}"] = {key: value.tolist() for key, value in sim.items()}
-    comparison = Comparison(metric.name, metric.lower_is_better, support_sizes, num_tasks, curves, similarity)
+    comparison = Comparison(metric.name, metric.lower_is_better, support_sizes, num_tasks, curves, similarity,
+                            kind=str(episode.kind))
     comparison.claims = [check_claim(comparison, claim) for claim in claims]
     analysed = run_analyses(analyses, learners, episode, support_sizes, seed=analysis_seed)
     comparison.analysis, comparison.analysis_skipped = analysed.results, analysed.skipped
@@ -232,12 +248,34 @@ def check_claim(comparison: Comparison, spec: ClaimSpec | Mapping) -> Claim:
 
 
 # ---------------------------------------------------------------------- reporting
-def _columns(support_sizes: list[int], max_columns: int = 8) -> list[int]:
-    """Up to ``max_columns`` support sizes, evenly spread and always including the largest."""
-    if len(support_sizes) <= max_columns:
+COMPARED_AS = {"regression": "predictions", "binary": "logits", "classification": "class probabilities"}
+"""What the prediction similarity of two learners is computed on, by episode kind (``EpisodeKind.comparable``)."""
+CSV_COLUMNS = ("learner", "implicit", "metric", "k", "mean", "lower", "upper", "tasks")
+"""The columns of ``results.csv``: one row per learner and support size, the numbers of ``results.json``."""
+
+
+def terminal_width() -> int:
+    """The width of the terminal in characters; 100 when the output is not a terminal."""
+    return shutil.get_terminal_size((100, 24)).columns
+
+
+def choose_columns(support_sizes: Sequence[int], keep: Sequence[int], fits: Callable[[list[int]], bool]) -> list[int]:
+    """The support sizes a table shows: all of them if they fit; otherwise ``keep`` (the claims' k), the smallest
+    and the largest (even if they do not fit), then others, each the farthest from those chosen, while ``fits``
+    accepts them."""
+    support_sizes = list(support_sizes)
+    if fits(support_sizes):
         return support_sizes
-    step = (len(support_sizes) - 1) / (max_columns - 1)
-    return [support_sizes[round(i * step)] for i in range(max_columns)]
+    chosen = sorted({support_sizes[0], support_sizes[-1], *(k for k in keep if k in support_sizes)})
+    others = [k for k in support_sizes if k not in chosen]
+    position = {k: i for i, k in enumerate(support_sizes)}
+    while others:  # next, the k farthest (in the list) from those chosen, while it fits
+        farthest = max(others, key=lambda k: min(abs(position[k] - position[c]) for c in chosen))
+        if not fits(candidate := sorted([*chosen, farthest])):
+            break
+        chosen = candidate
+        others.remove(farthest)
+    return chosen
 
 
 def format_grid(corner: str, rows: Mapping[str, Sequence[str]], columns: Sequence[str]) -> list[str]:
@@ -250,38 +288,115 @@ def format_grid(corner: str, rows: Mapping[str, Sequence[str]], columns: Sequenc
     return lines
 
 
-def format_table(comparison: Comparison) -> str:
-    """The results as plain-text tables: metric per learner and k, then prediction similarity."""
-    columns = _columns(comparison.support_sizes)
+def _label(name: str, curve: Curve) -> str:
+    return f"{name} (icl)" if curve.implicit else name
+
+
+def _similarity_title(comparison: Comparison) -> str:
+    return f"prediction similarity: cosine / mean |difference| of {COMPARED_AS.get(comparison.kind, 'predictions')}"
+
+
+def _tables(comparison: Comparison, columns: Sequence[int]) -> list[str]:
+    """The per-k tables (metric, prediction similarity, analyses) at the support sizes ``columns``."""
     index = [comparison.support_sizes.index(k) for k in columns]
     headers = [f"k={k}" for k in columns]
-    lines = [f"{comparison.metric} (mean ± 95% bootstrap half-width over {comparison.num_tasks} tasks)"]
-    lines += format_grid("learner", {
-        f"{name} (icl)" if curve.implicit else name:
-            [f"{curve.mean[i]:.4g}±{(curve.high[i] - curve.low[i]) / 2:.2g}" for i in index]
+    lines = format_grid("learner", {
+        _label(name, curve): [f"{curve.mean[i]:.4g}±{(curve.high[i] - curve.low[i]) / 2:.2g}" for i in index]
         for name, curve in comparison.curves.items()
     }, headers)
     if comparison.similarity:
-        lines += ["", "prediction similarity: cosine / mean |difference| (of class probabilities for classification)"]
+        lines += ["", _similarity_title(comparison)]
         lines += format_grid("pair", {
             pair: [f"{sim['cosine'][i]:.3f}/{sim['mean_abs_diff'][i]:.3g}" for i in index]
             for pair, sim in comparison.similarity.items()
         }, headers)
-    lines += format_analysis(comparison.analysis, columns, comparison.analysis_skipped)
+    return lines + format_analysis(comparison.analysis, columns, comparison.analysis_skipped)
+
+
+def _claim_lines(comparison: Comparison) -> list[tuple[str, str]]:
+    """Each claim as its text and its measurement (``ls at k=3: measured 0.0000 (expected < 1e-05) -> holds``)."""
+    lines = []
+    for claim in comparison.claims:
+        better = "<" if comparison.lower_is_better else ">"
+        bound = " and ".join(
+            [f"{op} {v:g}" for op, v in (("<", claim.below), (">", claim.above)) if v is not None]
+            + [f"{better} {other}'s {value:.4f}" for other, value in claim.others.items()]
+        )
+        verdict = "holds" if claim.holds else "DOES NOT HOLD"
+        lines.append((claim.text, f"{claim.learner} at k={claim.k}: measured {claim.measured:.4f} "
+                                  f"(expected {bound}) -> {verdict}"))
+    return lines
+
+
+def format_table(comparison: Comparison, width: int | None = None) -> str:
+    """The results as plain-text tables no wider than ``width`` characters (None: the terminal's width, 100
+    when not a terminal): the metric per learner and k, prediction similarity, the analyses, the claims.
+
+    Where not every support size fits, the columns shown keep every claim's k, the smallest k and the
+    largest (even where those alone are wider), and the table says so; :func:`format_markdown` and
+    :func:`format_csv` hold every k. Text lines are wrapped to ``width``; table rows never are.
+    """
+    width = terminal_width() if width is None else width
+    text = set(_tables(comparison, []))  # the lines that are the same without any column: titles and notes
+    columns = choose_columns(comparison.support_sizes, [claim.k for claim in comparison.claims],
+                             lambda ks: max(len(line) for line in _tables(comparison, ks) if line not in text) <= width)
+    lines = textwrap.wrap(f"{comparison.metric} (mean ± 95% bootstrap half-width over {comparison.num_tasks} tasks)",
+                          width)
+    if len(columns) < len(comparison.support_sizes):
+        lines += textwrap.wrap(f"({len(columns)} of {len(comparison.support_sizes)} support sizes shown to fit "
+                               f"{width} characters, the claims' among them; results.md and results.csv hold all)",
+                               width)
+    lines += [part for line in _tables(comparison, columns)  # titles and notes wrapped, table rows never
+              for part in (textwrap.wrap(line, width) if line in text and len(line) > width else [line])]
     if comparison.claims:
         lines += ["", "claims (paper vs measured)"]
-        for claim in comparison.claims:
-            better = "<" if comparison.lower_is_better else ">"
-            bound = " and ".join(
-                [f"{op} {v:g}" for op, v in (("<", claim.below), (">", claim.above)) if v is not None]
-                + [f"{better} {other}'s {value:.4f}" for other, value in claim.others.items()]
-            )
-            verdict = "holds" if claim.holds else "DOES NOT HOLD"
-            lines.append(
-                f"- {claim.text}\n    {claim.learner} at k={claim.k}: measured {claim.measured:.4f} "
-                f"(expected {bound}) -> {verdict}"
-            )
+        for claim, measured in _claim_lines(comparison):
+            lines += textwrap.wrap(f"- {claim}", width, subsequent_indent="  ")
+            lines += textwrap.wrap(measured, width, initial_indent="    ", subsequent_indent="    ")
     return "\n".join(lines)
+
+
+def format_markdown(comparison: Comparison, title: str = "") -> str:
+    """Every table of the comparison at every support size, as markdown (a run's ``results.md``)."""
+    ks = comparison.support_sizes
+    header, rule = "| " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)
+    lines = [f"# {title}", ""] if title else []
+    lines += [f"## {comparison.metric} (mean [95% bootstrap interval] over {comparison.num_tasks} tasks)", "",
+              f"| learner {header}", rule]
+    for name, curve in comparison.curves.items():
+        cells = [f"{m:.4g} [{low:.4g}, {high:.4g}]" for m, low, high in zip(curve.mean, curve.low, curve.high)]
+        lines.append(f"| {_label(name, curve)} | " + " | ".join(cells) + " |")
+    if comparison.similarity:
+        lines += ["", f"## {_similarity_title(comparison)}", "", f"| pair {header}", rule]
+        for pair, sim in comparison.similarity.items():
+            cells = [f"{cosine:.4g} / {diff:.4g}" for cosine, diff in zip(sim["cosine"], sim["mean_abs_diff"])]
+            lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+    analysis = format_analysis(comparison.analysis, ks, comparison.analysis_skipped)
+    if analysis:  # the analyses' own plain-text tables, at every k
+        lines += ["", "## analyses", "", "```text", *(analysis[1:] if not analysis[0] else analysis), "```"]
+    if comparison.claims:
+        lines += ["", "## claims (paper vs measured)", ""]
+        lines += [f"- {claim}: {measured}" for claim, measured in _claim_lines(comparison)]
+    return "\n".join(lines) + "\n"
+
+
+def format_csv(comparison: Comparison) -> dict[str, str]:
+    """The comparison as CSV files by name: ``results`` (:data:`CSV_COLUMNS`) and, when implicit and explicit
+    learners were paired, ``similarity`` (pair, k and each similarity measure); numbers as in ``results.json``."""
+    def write(rows: list[Sequence[Any]]) -> str:
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows(rows)
+        return buffer.getvalue()
+
+    files = {"results": write([CSV_COLUMNS, *(
+        [name, curve.implicit, comparison.metric, k, curve.mean[i], curve.low[i], curve.high[i], comparison.num_tasks]
+        for name, curve in comparison.curves.items() for i, k in enumerate(comparison.support_sizes))])}
+    if comparison.similarity:
+        measures = list(next(iter(comparison.similarity.values())))
+        files["similarity"] = write([("pair", "k", *measures), *(
+            [pair, k, *(sim[m][i] for m in measures)]
+            for pair, sim in comparison.similarity.items() for i, k in enumerate(comparison.support_sizes))])
+    return files
 
 
 def plot(comparison: Comparison, title: str = "") -> Figure:

@@ -255,6 +255,13 @@ class Run:
         checkpoints.write_text(target, json.dumps(_jsonable(payload), indent=2))
         return target
 
+    def save_text(self, text: str, filename: str) -> Path:
+        """Write ``filename`` (e.g. ``results.md``, ``results.csv``) into the run folder."""
+        target = self.path / filename
+        if self.writes:
+            checkpoints.write_text(target, text)
+        return target
+
     # ------------------------------------------------------------------ W&B-native views, guarded
     def define_metric(self, pattern: str, *, step_metric: str) -> None:
         """Plot the W&B metrics matching ``pattern`` (a glob, e.g. ``transformer/*``) against ``step_metric``.

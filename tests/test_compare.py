@@ -1,10 +1,15 @@
+import csv
+import io
 import json
+import logging
 
 import numpy as np
 import pytest
 import torch
 
-from metaopt.compare import compare, format_table, plot
+from metaopt.compare import (
+    CSV_COLUMNS, Comparison, Curve, choose_columns, compare, format_csv, format_markdown, format_table, plot,
+)
 from metaopt.kinds import CLASSIFICATION
 from metaopt.learners import Elimination, GradientDescent, LeastSquares, Null, Ridge
 from metaopt.metrics import bootstrap_band, prediction_similarity
@@ -87,7 +92,9 @@ def test_claims_report_and_plot(tmp_path):
     figure = plot(result)
     figure.savefig(tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
-    assert len(figure.axes[0].lines) == 2
+    series = [line.get_label() for line in figure.axes[0].lines if not line.get_label().startswith("_")
+              and line.get_gid() is None]  # not the bands' edges, the reference lines or the clipping marks
+    assert series == ["ls", "gd"]  # one line per learner
 
 
 def test_relative_claims_follow_the_metric_direction():
@@ -102,3 +109,89 @@ def test_relative_claims_follow_the_metric_direction():
                        num_tasks=50, progress=False,
                        claims=[{"text": "elimination beats chance", "learner": "e", "k": 20, "better_than": ["n"]}])
     assert accuracy.claims[0].holds and "expected > n's" in format_table(accuracy)
+
+
+# ---------------------------------------------------------------------- tables: terminal, markdown, CSV
+def quickstart_like(**options) -> Comparison:
+    """The quickstart's shape: 12 support sizes, four learners (one in-context), a claim at k=10."""
+    learners = {"icl": ImplicitLeastSquares(), "least_squares": LeastSquares(), "ridge": Ridge(0.5),
+                "gd_50_steps": GradientDescent(50, 0.1)}
+    claim = {"text": "Garg et al.: a trained transformer tracks least squares on linear functions (error at k=2d "
+                     "well below 0.2)", "learner": "icl", "k": 10, "below": 0.2}
+    return compare(learners, LinearRegression(5), support_sizes=range(12), num_tasks=64, bootstrap=50,
+                   progress=False, claims=[claim], **options)
+
+
+@pytest.mark.parametrize("width", [40, 60, 80, 100, 120])
+def test_a_narrow_table_keeps_the_claims_k_and_never_wraps(width):
+    table = format_table(quickstart_like(), width=width)
+    lines = table.splitlines()
+    if width >= 80:  # below, the three columns kept are wider than the terminal: kept all the same
+        assert max(len(line) for line in lines) <= width
+    header = next(line for line in lines if line.startswith("learner"))
+    shown = [int(cell[2:]) for cell in header.split()[1:]]
+    assert {0, 10, 11} <= set(shown) and shown == sorted(shown)  # the claim's k, the smallest and the largest
+    assert f"{len(shown)} of 12 support sizes shown" in " ".join(lines)
+    assert [int(cell[2:]) for cell in next(line for line in lines if line.startswith("pair")).split()[1:]] == shown
+
+
+def test_a_wide_table_shows_every_k_and_the_columns_fill_the_width():
+    result = quickstart_like()
+    table = format_table(result, width=400)
+    assert "support sizes shown" not in table and all(f"k={k}" in table for k in range(12))
+    narrow, wider = (len(next(line for line in format_table(result, width=w).splitlines()
+                              if line.startswith("learner")).split()) for w in (80, 120))
+    assert narrow < wider  # more room, more columns
+
+
+def test_columns_are_kept_then_spread():
+    assert choose_columns(range(12), [7], lambda ks: True) == list(range(12))
+    assert choose_columns(range(12), [7], lambda ks: len(ks) <= 3) == [0, 7, 11]
+    five = choose_columns(range(12), [7], lambda ks: len(ks) <= 5)
+    assert len(five) == 5 and {0, 7, 11} <= set(five) and 3 in five  # the middle of the widest gap
+    assert choose_columns([0, 5], [5], lambda ks: False) == [0, 5]  # kept even when nothing fits
+
+
+def test_markdown_and_csv_hold_the_numbers_of_results_json():
+    result = quickstart_like()
+    saved = json.loads(json.dumps(result.to_dict()))
+    files = format_csv(result)
+    rows = list(csv.DictReader(io.StringIO(files["results"])))
+    assert len(rows) == 4 * 12 and list(rows[0]) == list(CSV_COLUMNS)
+    for row in rows:
+        curve, i = saved["curves"][row["learner"]], saved["support_sizes"].index(int(row["k"]))
+        assert (float(row["mean"]), float(row["lower"]), float(row["upper"])) == (
+            curve["mean"][i], curve["low"][i], curve["high"][i])
+        assert row["implicit"] == str(curve["implicit"]) and int(row["tasks"]) == saved["num_tasks"]
+    similarity = list(csv.DictReader(io.StringIO(files["similarity"])))
+    assert len(similarity) == 3 * 12
+    for row in similarity:
+        sim, i = saved["similarity"][row["pair"]], saved["support_sizes"].index(int(row["k"]))
+        assert float(row["cosine"]) == sim["cosine"][i] and float(row["mean_abs_diff"]) == sim["mean_abs_diff"][i]
+    markdown = format_markdown(result, title="quickstart")
+    for name, curve in saved["curves"].items():
+        label = f"{name} (icl)" if curve["implicit"] else name
+        cells = [f"{m:.4g} [{low:.4g}, {high:.4g}]" for m, low, high in zip(curve["mean"], curve["low"], curve["high"])]
+        assert f"| {label} | " + " | ".join(cells) + " |" in markdown
+    assert "| learner | " + " | ".join(f"k={k}" for k in range(12)) + " |" in markdown
+    assert "- Garg et al.: a trained transformer" in markdown and "-> holds" in markdown
+
+
+def test_the_similarity_header_names_what_is_compared():
+    regression = format_table(quickstart_like(), width=100)
+    assert "of predictions" in regression and "class probabilities" not in regression
+    assert quickstart_like().kind == "regression"
+    curves = {"icl": Curve([0.5], [0.4], [0.6], True), "proto": Curve([0.6], [0.5], [0.7], False)}
+    classification = Comparison("accuracy", False, [5], 10, curves, {"icl vs proto": {"cosine": [0.9],
+                                "mean_abs_diff": [0.1]}}, kind="classification")
+    assert "of class probabilities" in format_table(classification)
+    assert "of class probabilities" in format_markdown(classification)
+
+
+def test_the_comparison_reports_progress_unless_told_not_to(caplog):
+    learners = {"ls": LeastSquares(), "gd": GradientDescent(1, 0.1)}
+    with caplog.at_level(logging.INFO, logger="metaopt.progress"):
+        compare(learners, LinearRegression(3), support_sizes=[0, 3], num_tasks=40, chunk_size=10, progress=False)
+        assert not caplog.records
+        compare(learners, LinearRegression(3), support_sizes=[0, 3], num_tasks=40, chunk_size=10)
+    assert "compare: 8 chunks in" in caplog.text  # no terminal under pytest: a log line instead of a bar

@@ -39,10 +39,11 @@ from metaopt.config import (
 from metaopt.distillation import pipeline as distillation
 from metaopt.log import CONFIG_FILE, Run, new_folder
 from metaopt.pipelines import episodes, optimizer, priming, trajectories
+from metaopt.progress import console_by_default
 from metaopt.runtime import check_precision, resolve_device
 from metaopt.seeds import SeedPlan
 
-__all__ = ["PIPELINES", "Pipeline", "RunResult", "build", "load", "load_run", "run"]
+__all__ = ["PIPELINES", "Pipeline", "RunInterrupted", "RunResult", "build", "load", "load_run", "run"]
 
 logger = logging.getLogger("metaopt")
 
@@ -54,16 +55,20 @@ class Pipeline:
     ``execute(experiment, run, *, resume, train, trained)`` returns ``(results, report)``: what the run produced
     and a plain-text report (the tables the CLI prints); ``trained`` is the run folder whose checkpoints hold
     the trained components (with ``train=False``, ``run`` is a fresh ``compare/<time>/`` folder inside it).
+    ``implied_overrides(config, overrides)`` returns the overrides the given ones imply for this kind, applied
+    after them (none by default).
     """
 
     schema: type
     validate: Callable[[DictConfig, str], None]
     build: Callable[[DictConfig], Any]
     execute: Callable[..., tuple[dict[str, Any], str]]
+    implied_overrides: Callable[[DictConfig, Sequence[str]], list[str]] = lambda config, overrides: []
 
 
 PIPELINES: dict[str, Pipeline] = {
-    "episodes": Pipeline(episodes.EpisodeRecipe, episodes.validate, episodes.build, episodes.execute),
+    "episodes": Pipeline(episodes.EpisodeRecipe, episodes.validate, episodes.build, episodes.execute,
+                         episodes.implied_overrides),
     "optimizer": Pipeline(optimizer.OptimizerRecipe, optimizer.validate, optimizer.build, optimizer.execute),
     "trajectories": Pipeline(trajectories.TrajectoryRecipe, trajectories.validate, trajectories.build,
                              trajectories.execute),
@@ -74,6 +79,22 @@ PIPELINES: dict[str, Pipeline] = {
 COMPARE_DIR = "compare"
 """Where ``metaopt compare RUN`` writes inside the run folder: ``RUN/compare/<time>/``."""
 LEGACY_KINDS = {"learners": "episodes"}  # run folders made before the pipeline kinds were named
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run after its folder was made; the message names the folder and how to continue.
+
+    Attributes:
+        path: the run folder (a re-comparison's ``compare/<time>/`` folder for ``train=False``).
+        resumable: whether ``metaopt resume`` continues it (a training run), or the comparison is simply run
+            again (``trained`` is then the run folder to compare).
+    """
+
+    def __init__(self, detail: str, path: Path, *, resumable: bool, trained: Path | None = None) -> None:
+        self.path, self.resumable = path, resumable
+        again = (f"continue with `metaopt resume {path}` (in Python: metaopt.run(None, run_dir=\"{path}\", "
+                 "resume=True))" if resumable else f"compare again with `metaopt compare {trained}`")
+        super().__init__(f"{detail}; run folder {path}; {again}")
 
 
 @dataclass
@@ -116,6 +137,9 @@ def validate(raw: dict | DictConfig, overrides: Sequence[str] = (), source: str 
     kind = _kind(raw, overrides, source)
     raw = OmegaConf.merge(raw, {"pipeline": kind})
     config = merge(PIPELINES[kind].schema, raw, overrides, source)
+    implied = PIPELINES[kind].implied_overrides(config, overrides)
+    if implied:
+        config = merge(PIPELINES[kind].schema, config, implied, source)
     try:
         OmegaConf.resolve(OmegaConf.create(OmegaConf.to_container(config)))  # every interpolation resolves
         common = {f.name: config[f.name] for f in dataclasses.fields(CommonSettings) if f.name != "wandb"}
@@ -198,10 +222,21 @@ def run(
         resume: continue training from the run folder's latest checkpoints (bit-for-bit).
         train: False loads the trained learners from the run folder's checkpoints and only compares.
 
+    Progress and messages go through :mod:`logging` (``metaopt.*`` loggers): where nothing has configured
+    logging, they are shown on stderr for the duration of the call (:func:`metaopt.progress.console_by_default`;
+    ``metaopt.log_to_console()`` chooses the level, ``progress=false`` silences the progress).
+
     Raises:
         ConfigError: a bad setting (before any work is done or any folder made).
         metaopt.train.DivergenceError: training produced a non-finite loss (``train.on_nonfinite=stop``).
+        RunInterrupted: Ctrl-C after the run folder was made (a checkpoint is saved first); it names the folder.
     """
+    with console_by_default():
+        return _run(recipe, overrides, run_dir=run_dir, resume=resume, train=train)
+
+
+def _run(recipe: str | Path | DictConfig | None, overrides: Sequence[str], *, run_dir: str | Path | None,
+         resume: bool, train: bool) -> RunResult:
     if run_dir is not None and recipe is not None:
         raise ConfigError("give a recipe or a run_dir, not both: a run folder's saved config is its recipe")
     if run_dir is not None:
@@ -229,8 +264,12 @@ def run(
         keep_freed_memory()  # large activations reuse freed memory instead of fresh pages (metaopt/allocator.py)
         with _open_run(config, path, train) as opened:
             logger.info("run folder: %s", opened.path)
-            results, report = PIPELINES[config.pipeline].execute(experiment, opened, resume=resume, train=train,
-                                                                 trained=path)
+            try:
+                results, report = PIPELINES[config.pipeline].execute(experiment, opened, resume=resume,
+                                                                     train=train, trained=path)
+            except KeyboardInterrupt as error:  # the trainers saved a checkpoint; say where the run is
+                raise RunInterrupted(str(error) or "interrupted", opened.path, resumable=train,
+                                     trained=path) from None
         distributed.barrier()  # no rank leaves (and tears the group down) while another still writes
     return RunResult(opened.path, config, results, report)
 

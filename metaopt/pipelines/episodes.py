@@ -14,13 +14,13 @@ import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from metaopt import checkpoints
+from metaopt import checkpoints, distributed
 from metaopt import compare as comparing
 from metaopt import wandb_native
 from metaopt.analysis.suite import parse_analyses
@@ -32,11 +32,12 @@ from metaopt.config import (
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
 from metaopt.log import Run
+from metaopt.progress import format_duration
 from metaopt.seeds import SeedPlan
 from metaopt.tasks.base import TaskFamily
 from metaopt.train import MetaTrainer, TrainSettings
 
-__all__ = ["EpisodeRecipe", "EpisodeExperiment", "HOOK_ARGUMENTS", "build", "execute", "validate"]
+__all__ = ["EpisodeRecipe", "EpisodeExperiment", "HOOK_ARGUMENTS", "build", "execute", "implied_overrides", "validate"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,9 @@ and the device."""
 @dataclass
 class EpisodeRecipe(CommonSettings):
     """A recipe of learners on episodes: ``task`` and ``learners`` are ``_target_`` blocks (a learner may add
-    its own ``train:`` block over ``train``); ``evaluate`` lists extra evaluations run after the comparison,
-    ``_target_`` callables that take any of :data:`HOOK_ARGUMENTS` by name plus their options."""
+    its own ``train:`` block over ``train``; a ``train.*`` override reaches it all the same, see
+    :func:`implied_overrides`); ``evaluate`` lists extra evaluations run after the comparison, ``_target_``
+    callables that take any of :data:`HOOK_ARGUMENTS` by name plus their options."""
 
     task: dict[str, Any] = field(default_factory=dict)
     learners: dict[str, Any] = field(default_factory=dict)
@@ -88,6 +90,36 @@ def train_settings(config: DictConfig, learner: str) -> TrainSettings:
     except OmegaConfBaseException as error:  # a key or type error in the learner's block
         raise ConfigError(f"{where}: {describe(error)}") from error
     return settings(merged, TrainSettings, where)
+
+
+def _key(override: str) -> str:
+    return override.partition("=")[0].strip()
+
+
+def implied_overrides(config: DictConfig, overrides: Sequence[str]) -> list[str]:
+    """The overrides that ``overrides`` imply, applied after them: the rule for ``train.*`` overrides.
+
+    A ``train.KEY=VALUE`` override applies to every learner, also to a learner whose own ``train:`` block sets
+    KEY (which wins over the recipe's ``train:`` otherwise), so ``train.steps=30`` shrinks the whole run. An
+    override that names the learner (``learners.maml.train.steps=10``, or ``learners.maml=...`` /
+    ``learners=...`` giving its block) wins over ``train.KEY`` in whatever order the two are given: it is
+    applied again after the ones carried into the learner's block.
+
+    Args:
+        config: the recipe with ``overrides`` applied (which learners have a ``train:`` block).
+        overrides: the ``key=value`` overrides as given.
+    """
+    top = [item for item in overrides if _key(item) == "train" or _key(item).startswith("train.")]
+    own = [name for name, spec in config.learners.items() if isinstance(spec, DictConfig) and "train" in spec]
+    if not top or not own:
+        return []
+
+    def names_learner(item: str, name: str) -> bool:  # the learner's block, its train: block or a key in it
+        key, block = _key(item), f"learners.{name}.train"
+        return key in ("learners", f"learners.{name}", block) or key.startswith(f"{block}.")
+
+    carried = [f"learners.{name}.{item.strip()}" for name in own for item in top]
+    return carried + [item for item in overrides if any(names_learner(item, name) for name in own)]
 
 
 def evaluation_task_spec(config: DictConfig) -> DictConfig:
@@ -220,9 +252,29 @@ def _validation_hooks(experiment: EpisodeExperiment, name: str) -> list:
     return [sensitivity_tracker(references)]
 
 
+def _announce(experiment: EpisodeExperiment) -> None:
+    """Log each trainable learner's resolved steps, learning rate and batch size, and warn of a curriculum too
+    long for its steps (the comparison then asks for inputs the learner never trained on)."""
+    for name, settings in experiment.train.items():
+        source = f"train + learners.{name}.train" if "train" in experiment.config.learners[name] else "train"
+        logger.info("%s trains %d steps, lr %g, batch %d (%s)", name, settings.steps, settings.lr,
+                    settings.batch_size, source)
+        claims = [claim.text or f"k={claim.k}" for claim in experiment.claims if claim.learner == name]
+        for problem in settings.unfinished_curriculum():
+            logger.warning("%s: %s. It is compared at the full size, so %s", name, problem,
+                           f"its claims will likely fail ({'; '.join(claims)})" if claims else
+                           "it will likely look worse than a finished curriculum would make it")
+
+
 def _train_all(experiment: EpisodeExperiment, run: Run, resume: bool) -> None:
-    """Meta-train every learner that has meta-parameters, continuing from checkpoints when resuming."""
-    for name in experiment.train:
+    """Meta-train every learner that has meta-parameters, continuing from checkpoints when resuming.
+
+    With several, each starts with ``learner i of n`` and the time the ones left will take at the pace of
+    those trained so far (per task drawn: steps × batch size)."""
+    names = list(experiment.train)
+    counting = experiment.config.progress and distributed.is_main() and len(names) > 1
+    done_tasks, done_seconds = 0, 0.0
+    for index, name in enumerate(names):
         trainer = _trainer(experiment, name, run)
         if resume:
             trainer.resume()
@@ -231,7 +283,15 @@ def _train_all(experiment: EpisodeExperiment, run: Run, resume: bool) -> None:
             if trainer.step >= trainer.steps:
                 logger.info("%s already trained (%d steps)", name, trainer.step)
                 continue
+        if counting:
+            left = sum(experiment.train[n].steps * experiment.train[n].batch_size for n in names[index:])
+            eta = (f"; about {format_duration(done_seconds / done_tasks * left)} left for this and the rest, at "
+                   "the pace so far" if done_tasks else "")
+            logger.info("learner %d of %d: %s (%d steps)%s", index + 1, len(names), name, trainer.steps, eta)
+        started_at = trainer.step
         result = trainer.fit()
+        done_tasks += (result.steps - started_at) * experiment.train[name].batch_size
+        done_seconds += result.seconds
         tracked = plot_tracked(trainer.history, title=name)
         if tracked is not None:
             run.save_figure(tracked, f"sensitivity_vs_step_{name}")
@@ -261,6 +321,8 @@ def _compare_and_report(experiment: EpisodeExperiment, run: Run) -> tuple[Compar
         device=config.device, claims=experiment.claims, progress=config.progress, analysis=c.analysis,
     )
     results_path = run.save_json(result.to_dict(), "results")
+    tables = [run.save_text(comparing.format_markdown(result, title=config.name), "results.md")]
+    tables += [run.save_text(text, f"{name}.csv") for name, text in comparing.format_csv(result).items()]
     figure_path = run.save_figure(comparing.plot(result, title=config.name), f"{result.metric}_vs_k")
     analysis_figure = comparing.plot_similarity(result, title=config.name)
     if analysis_figure is not None:
@@ -270,7 +332,8 @@ def _compare_and_report(experiment: EpisodeExperiment, run: Run) -> tuple[Compar
     for i, k in enumerate(result.support_sizes):
         run.log({f"compare/{name}/{result.metric}": curve.mean[i] for name, curve in result.curves.items()}
                 | {"compare/k": k})
-    report = f"{comparing.format_table(result)}\n\nresults: {results_path}\nplot:    {figure_path}\nrun:     {run.path}"
+    report = (f"{comparing.format_table(result)}\n\nresults: {results_path}\ntables:  "
+              f"{', '.join(path.name for path in tables)} (every k)\nplot:    {figure_path}\nrun:     {run.path}")
     return result, report
 
 
@@ -293,6 +356,8 @@ def execute(experiment: EpisodeExperiment, run: Run, *, resume: bool = False, tr
     ``{"comparison": ..., "evaluations": ...}`` and the report."""
     wandb_native.declare_axes(run, list(experiment.train))
     if train:
+        if distributed.is_main():
+            _announce(experiment)
         _train_all(experiment, run, resume)
         if resume:  # a comparison cut short is run again in full
             run.discard_rows(_is_comparison_row)

@@ -1,15 +1,20 @@
-"""The ``metaopt`` command: run recipes, resume runs, re-compare, list recipes."""
+"""The ``metaopt`` command: run recipes, resume runs, re-compare, list recipes.
+
+Only the standard library is imported here: torch, omegaconf, the pipeline and the plotting libraries are
+imported by the commands that use them, so that ``metaopt --help`` answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import logging
 import os
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
-from metaopt.checkpoints import UnsafeCheckpointError, WriteError
-from metaopt.config import RECIPE_DIR, ConfigError, recipes
+from metaopt.paths import BENCHMARK_DIR, RECIPE_DIR
 
 logger = logging.getLogger("metaopt")
 
@@ -25,7 +30,28 @@ EPILOG = """examples:
   metaopt sweep quickstart train.lr=3e-4,1e-3 seed=0,1     4 runs, then the mean over seeds per learner and k
   metaopt report runs/quickstart/sweep-1a2b3c4d runs/quickstart/20261123-101500-000000   side by side
 
-from Python:  metaopt.run("quickstart", ["train.steps=200"]) returns the results
+from Python:  metaopt.run("quickstart", ["train.steps=200"]) returns the results (metaopt.log_to_console()
+              shows its progress; it does by default where logging is not configured)
+"""
+
+KEYS = """top-level keys of every recipe (override any key as key=value; defaults shown):
+  name=NAME              the run's name: its folder is OUTPUT_DIR/NAME/<time>/
+  output_dir=runs        where run folders are made
+  device=cpu             auto | cpu | cuda | cuda:N (auto: CUDA when present)
+  precision=fp32         fp32 | bf16 | fp16 (autocast; loss scaling for fp16)
+  compile=false          pass the learners' losses through torch.compile where that works
+  threads=null           torch threads (null: torch's default; under torchrun shared by the processes)
+  seed=0                 the root of the seed plan: every random stream of the run derives from it
+  progress=true          progress bars on a terminal, log lines elsewhere; false: neither
+  pipeline=episodes      the kind of experiment: episodes | optimizer | trajectories | priming | distillation
+  description=TEXT       what `metaopt recipes` shows
+  wandb.mode=offline     online | offline (a W&B run in the run folder, no network) | disabled
+  wandb.project=metaopt  wandb.entity=null  wandb.tags=[]  wandb.group=null (null: the run's name)
+
+training (episodes recipes): train.steps, train.lr, train.batch_size, ... (recipes/*.yaml show them all)
+  train.KEY=VALUE               applies to every learner, also to one with its own train: block
+  learners.NAME.train.KEY=VALUE applies to learner NAME only and wins over train.KEY, in any order
+  Each learner's resolved steps, learning rate and batch size are logged when the run starts.
 """
 
 
@@ -43,10 +69,10 @@ def _run(args: argparse.Namespace, **options: object) -> int:
     if args.nproc > 1:
         # check the recipe here, before any process starts, so bad input fails once and at once
         if args.command == "run":
-            load(args.recipe, args.overrides)
-        else:
-            load_run(args.run_dir, args.overrides)
-        return _launch(args)
+            config = load(args.recipe, args.overrides)
+            return _launch(args, Path(config.output_dir) / config.name)
+        load_run(args.run_dir, args.overrides)
+        return _launch(args, None)
     recipe = args.recipe if args.command == "run" else None
     result = run(recipe, args.overrides, run_dir=getattr(args, "run_dir", None), **options)
     if _rank() == 0:
@@ -54,9 +80,15 @@ def _run(args: argparse.Namespace, **options: object) -> int:
     return 0
 
 
-def _launch(args: argparse.Namespace) -> int:
-    """Start ``args.nproc`` processes of this command on this machine through ``torch.distributed.run``."""
+def _launch(args: argparse.Namespace, runs: Path | None) -> int:
+    """Start ``args.nproc`` processes of this command on this machine through ``torch.distributed.run``.
+
+    ``runs`` is the folder a new run's folder is made in (None for ``resume`` and ``compare``): the folder that
+    appears there is the one a failure message names.
+    """
     if "LOCAL_RANK" in os.environ:
+        from metaopt.config import ConfigError
+
         raise ConfigError("--nproc starts torchrun itself; under torchrun leave --nproc out")
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
@@ -65,20 +97,36 @@ def _launch(args: argparse.Namespace) -> int:
 
     target = args.recipe if args.command == "run" else args.run_dir
     command = [*(["-v"] if args.verbose else []), args.command, target, *args.overrides]
-    resume = ("continue from the last checkpoint with `metaopt resume RUN_DIR --nproc N` (any number of "
-              "processes; the run folder is printed above)")
+    before = _folders(runs)
     try:
         torchrun(["--standalone", "--nproc-per-node", str(args.nproc), "-m", "metaopt", *command])
     except SignalException as error:  # Ctrl-C or a scheduler's SIGTERM reached torchrun
-        print(f"metaopt: stopped by signal {error.sigval}; {resume}", file=sys.stderr)
+        print(f"metaopt: stopped by signal {error.sigval}; {_continuation(args, _folders(runs) - before)}",
+              file=sys.stderr)
         return 130
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
         hint = {2: "a setting was refused (see the error above)", 3: "training diverged (see above)"}
         print(f"metaopt: rank {rank} of {args.nproc} failed (exit code {failure.exitcode}); the other processes "
-              f"were stopped; {hint.get(failure.exitcode, resume)}", file=sys.stderr)
+              f"were stopped; {hint.get(failure.exitcode) or _continuation(args, _folders(runs) - before)}",
+              file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
     return 0
+
+
+def _folders(parent: Path | None) -> set[Path]:
+    return set(parent.iterdir()) if parent is not None and parent.is_dir() else set()
+
+
+def _continuation(args: argparse.Namespace, made: set[Path]) -> str:
+    """How to go on after a distributed command stopped; ``made`` are the run folders it created."""
+    if args.command == "compare":
+        return f"compare again with `metaopt compare {args.run_dir} --nproc {args.nproc}`"
+    folder = args.run_dir if args.command == "resume" else next(iter(made)) if len(made) == 1 else None
+    if folder is None:
+        return "nothing to resume: no run folder was made" if not made else (
+            "continue with `metaopt resume RUN_DIR --nproc N`, RUN_DIR the run folder printed above")
+    return f"continue from the last checkpoint with `metaopt resume {folder} --nproc N` (any number of processes)"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -146,6 +194,8 @@ def _summary(description: str, width: int = 100) -> str:
 
 def cmd_recipes(args: argparse.Namespace) -> int:
     del args
+    from metaopt.config import recipes
+
     found = recipes()
     width = max((len(name) for name in found), default=0) + 2
     for name, description in found.items():
@@ -155,13 +205,33 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    root = RECIPE_DIR.parent
-    if not (root / "benchmarks" / "__main__.py").is_file():
-        raise ConfigError(f"benchmarks/ ships with the source checkout, not found under {root}; run from a clone")
-    sys.path.insert(0, str(root))
+    if not (BENCHMARK_DIR / "__main__.py").is_file():
+        from metaopt.config import ConfigError
+
+        raise ConfigError(f"benchmarks/ ships with the source checkout, not found under {BENCHMARK_DIR.parent}; "
+                          "run from a clone")
+    sys.path.insert(0, str(BENCHMARK_DIR.parent))
     from benchmarks.__main__ import main as run_benchmarks
 
     return run_benchmarks([*args.names, "--threads", str(args.threads)])
+
+
+def benchmarks() -> dict[str, str]:
+    """The checkout's benchmarks by name, each with the first line of its docstring (read, not imported)."""
+    found = {}
+    for path in sorted(BENCHMARK_DIR.glob("bench_*.py")):
+        docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
+        found[path.stem.removeprefix("bench_")] = docstring.split("\n\n")[0]
+    return found
+
+
+def _benchmark_list() -> str:
+    found = benchmarks()
+    if not found:
+        return f"benchmarks (not found under {BENCHMARK_DIR.parent}: they ship with the source checkout)"
+    width = max(len(name) for name in found) + 2
+    lines = [f"  {name.ljust(width)}{_summary(text, 96 - width)}" for name, text in found.items()]
+    return "benchmarks:\n" + "\n".join(lines) + "\nexample:  metaopt bench compare maml --threads 4"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
          "results, figures and W&B run); the run's own files are left as they were."),
     ]
     for name, func, (arg, arg_help), summary, description in commands:
-        p = sub.add_parser(name, help=summary, description=description)
+        p = sub.add_parser(name, help=summary, description=description, epilog=KEYS,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument(arg, help=arg_help)
         p.add_argument("overrides", nargs="*", help=overrides_help)
         p.add_argument("--nproc", type=int, default=1, metavar="N",
@@ -212,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run the performance benchmarks (JSON to benchmarks/results/)",
                        description="Time metaopt's hot paths against the reference a user would otherwise use "
                                    "(a per-task loop, torch.optim, higher, learn2learn), in the same run, and "
-                                   "write each benchmark's timings and ratios to benchmarks/results/<name>.json.")
+                                   "write each benchmark's timings and ratios to benchmarks/results/<name>.json.",
+                       epilog=_benchmark_list(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.set_defaults(func=cmd_bench)
@@ -279,27 +351,54 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except ConfigError as error:
-        print(f"metaopt: error: {error}", file=sys.stderr)
-        return 2
-    except (UnsafeCheckpointError, WriteError) as error:  # a refused file; a full disk (earlier checkpoints intact)
-        hint = "" if isinstance(error, UnsafeCheckpointError) else (
-            "; the checkpoints written before are intact: free some space, then `metaopt resume RUN_DIR`")
-        print(f"metaopt: error: {error}{hint}", file=sys.stderr)
-        return 2 if isinstance(error, UnsafeCheckpointError) else 1
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
         sys.stdout = open(os.devnull, "w")
         return 0
     except KeyboardInterrupt as error:
-        print(f"metaopt: {error or 'interrupted'}; continue with `metaopt resume RUN_DIR`", file=sys.stderr)
+        print(f"metaopt: {_interrupted(args, error)}", file=sys.stderr)
         return 130
     except Exception as error:
-        from metaopt.train import DivergenceError  # loaded already when training raised it
-
-        if not isinstance(error, DivergenceError):
+        code = _failure(args, error)
+        if code is None:
             raise
+        return code
+
+
+def _loaded(module: str, name: str) -> Any:
+    """A class of a module if that module is loaded, else a class nothing is an instance of.
+
+    An exception can only be an instance of a class whose module was imported, so the handlers below never
+    import torch or the pipeline to recognise one."""
+    return getattr(sys.modules.get(module), name, ())
+
+
+def _failure(args: argparse.Namespace, error: Exception) -> int | None:
+    """Report a known failure and return its exit code (2: a refused setting or file, 1: a failed write,
+    3: training diverged); None for any other error, which is raised as it is."""
+    if isinstance(error, (_loaded("metaopt.config", "ConfigError"),
+                          _loaded("metaopt.checkpoints", "UnsafeCheckpointError"))):
+        print(f"metaopt: error: {error}", file=sys.stderr)
+        return 2
+    if isinstance(error, _loaded("metaopt.checkpoints", "WriteError")):  # a full disk: earlier checkpoints intact
+        folder = getattr(args, "run_dir", None) or "RUN_DIR (the run folder printed above)"
+        print(f"metaopt: error: {error}; the checkpoints written before are intact: free some space, then "
+              f"`metaopt resume {folder}`", file=sys.stderr)
+        return 1
+    if isinstance(error, _loaded("metaopt.train", "DivergenceError")):
         print(f"metaopt: training diverged: {error}", file=sys.stderr)
         return 3
+    return None
+
+
+def _interrupted(args: argparse.Namespace, error: KeyboardInterrupt) -> str:
+    """What Ctrl-C stopped and how to continue, naming the run folder (a run's interruption carries it)."""
+    if getattr(error, "path", None) is not None:  # metaopt.pipelines.RunInterrupted: its message says it all
+        return str(error)
+    if args.command == "resume":
+        return f"interrupted; continue with `metaopt resume {args.run_dir}`"
+    if args.command in ("run", "compare"):
+        return "interrupted before the run folder was made; nothing was written"
+    return str(error) or "interrupted"
 
 
 if __name__ == "__main__":

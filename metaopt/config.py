@@ -29,10 +29,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metaopt.checks import ArgumentError, non_negative_int, one_of, optional, positive_int
 from metaopt.log import WandbSettings
+from metaopt.paths import RECIPE_DIR
 from metaopt.runtime import PRECISIONS, Precision, check_device
 from metaopt.seeds import SeedPlan
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 T = TypeVar("T")
 
 

@@ -1,4 +1,6 @@
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +194,82 @@ def test_missing_omniglot_folder_names_the_layout(tmp_path, capsys, monkeypatch)
     monkeypatch.setenv("OMNIGLOT_ROOT", str(tmp_path / "nowhere"))
     assert main(["run", "omniglot", f"output_dir={tmp_path}"]) == 2
     assert "images_background" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["bench"]])
+def test_help_loads_neither_torch_nor_scikit_learn_scipy_or_matplotlib(command):
+    code = ("import sys\nfrom metaopt.cli import main\ntry:\n    main([*sys.argv[1:], '--help'])\nexcept SystemExit:\n"
+            "    pass\nheavy = ('sklearn', 'scipy', 'matplotlib', 'torch', 'omegaconf', 'wandb')\n"
+            "print('loaded:', *[name for name in heavy if name in sys.modules], file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True)
+    assert result.returncode == 0 and "usage: metaopt" in result.stdout
+    assert result.stderr.strip() == "loaded:"
+
+
+def help_text(*command: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "metaopt", *command, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    return result.stdout
+
+
+def test_run_help_lists_every_top_level_key_with_its_default_and_the_override_rule():
+    from metaopt.config import CommonSettings
+    from metaopt.log import WandbSettings
+    from metaopt.pipelines import PIPELINES
+
+    text = help_text("run")
+    shown = dict(re.findall(r"(?<![\w.])([a-z_]+(?:\.[a-z_]+)?)=(\S+)", text.split("top-level keys")[1]))
+    fields = {f.name: f.default for f in dataclasses.fields(CommonSettings) if f.name != "wandb"}
+    fields |= {f"wandb.{f.name}": f.default if f.default is not dataclasses.MISSING else f.default_factory()
+               for f in dataclasses.fields(WandbSettings)}
+    assert set(fields) <= set(shown), f"not in `metaopt run --help`: {sorted(set(fields) - set(shown))}"
+    for key, default in fields.items():
+        if not shown[key].isupper():  # NAME, TEXT: the recipe's own
+            assert shown[key] == json.dumps(default).strip('"'), key
+    assert all(kind in text for kind in PIPELINES)
+    assert "learners.NAME.train.KEY=VALUE applies to learner NAME only and wins over train.KEY" in text
+    assert "train.KEY=VALUE" in help_text("resume") and "output_dir=runs" in help_text("compare")
+
+
+def test_bench_help_lists_the_benchmarks():
+    from metaopt.paths import BENCHMARK_DIR
+
+    text = help_text("bench")
+    names = [path.stem.removeprefix("bench_") for path in BENCHMARK_DIR.glob("bench_*.py")]
+    assert names and all(re.search(rf"^  {name} +\S", text, re.MULTILINE) for name in names)
+
+
+def test_ctrl_c_names_the_run_folder_and_resume_finishes_it(recipe, tmp_path, capsys, monkeypatch):
+    from metaopt.train import MetaTrainer
+
+    step = MetaTrainer._train_step
+
+    def interrupted_at_step_4(self):
+        if self.step == 4:
+            raise KeyboardInterrupt
+        step(self)
+
+    monkeypatch.setattr(MetaTrainer, "_train_step", interrupted_at_step_4)
+    out = tmp_path / "runs"
+    assert main(["run", str(recipe), f"output_dir={out}", "wandb.mode=disabled"]) == 130
+    run_dir = only_run_dir(out)
+    err = capsys.readouterr().err
+    assert f"checkpoint saved to {run_dir / 'checkpoints' / 'transformer' / 'step_00000004.pt'}" in err
+    assert f"continue with `metaopt resume {run_dir}`" in err and "RUN_DIR" not in err
+    monkeypatch.undo()
+    assert main(["resume", str(run_dir)]) == 0
+    assert json.loads((run_dir / "results.json").read_text())["claims"][0]["holds"] is True
+
+
+def test_a_stopped_distributed_command_names_the_folder_to_continue(tmp_path):
+    from metaopt.cli import _continuation, build_parser
+
+    made = tmp_path / "runs" / "quickstart" / "20261123-101500-000000"
+    run = build_parser().parse_args(["run", "quickstart", "--nproc", "2"])
+    assert f"`metaopt resume {made} --nproc N`" in _continuation(run, {made})
+    assert "nothing to resume" in _continuation(run, set())
+    assert "RUN_DIR the run folder printed above" in _continuation(run, {made, made.with_name("other")})
+    resume = build_parser().parse_args(["resume", str(made), "--nproc", "2"])
+    assert f"`metaopt resume {made} --nproc N`" in _continuation(resume, set())
+    compare = build_parser().parse_args(["compare", str(made), "--nproc", "2"])
+    assert _continuation(compare, set()) == f"compare again with `metaopt compare {made} --nproc 2`"

@@ -92,8 +92,8 @@ class RunInterrupted(KeyboardInterrupt):
 
     def __init__(self, detail: str, path: Path, *, resumable: bool, trained: Path | None = None) -> None:
         self.path, self.resumable = path, resumable
-        again = (f"continue with `metaopt resume {path}` (in Python: metaopt.run(None, run_dir=\"{path}\", "
-                 "resume=True))" if resumable else f"compare again with `metaopt compare {trained}`")
+        again = (f"continue with `metaopt resume {path}` (or metaopt.run(None, run_dir=..., resume=True))"
+                 if resumable else f"compare again with `metaopt compare {trained}`")
         super().__init__(f"{detail}; run folder {path}; {again}")
 
 

@@ -1,5 +1,8 @@
 """Run benchmarks and write their results as JSON: ``python -m benchmarks [name ...]``.
 
+Each result's ``machine`` entry holds this machine's fp32 matmul rate (``benchmarks.flops.machine_rate``, the rate
+the benchmark's shares are of). A benchmark whose ``run`` takes ``out`` writes its figures (PNG) there too.
+
 ``python -m benchmarks gpu`` is the GPU check instead (:mod:`benchmarks.gpu`, ``make gpu-check``)."""
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.flops import machine_rate
 from metaopt.allocator import keep_freed_memory
 
 HERE = Path(__file__).resolve().parent
@@ -55,11 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for name in names:
         run = importlib.import_module(f"benchmarks.bench_{name}").run
-        options = {"device": args.device, "quick": args.quick}
+        options = {"device": args.device, "quick": args.quick, "out": out}
         result = run(**{key: value for key, value in options.items() if key in inspect.signature(run).parameters})
         result["machine"] = {"python": platform.python_version(), "torch": torch.__version__,
                              "threads": torch.get_num_threads(), "processor": platform.processor(),
-                             "device": args.device}
+                             "device": args.device, "matmul_gflops_fp32": machine_rate(args.device)}
         (out / f"{name}.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result, indent=2))
     return 0

@@ -19,7 +19,9 @@ efficiency ``(eps_2 / eps_1) / 2`` (goal >= 0.85), with each rank sampling the w
 Two diagnostics say where a shortfall comes from: one process on half the batch (the bound that halving the
 batch alone sets: per-step costs that do not shrink with it) and 2 processes that skip the all-reduce (what the
 two processes cost each other on this machine, without communicating). The machine's fp32 matmul rate at 1 thread
-sits beside them: CPU figures are ratios, GPU figures come only from a GPU run (``python -m benchmarks gpu``).
+sits beside them: CPU figures are ratios, GPU figures come only from a GPU run (``python -m benchmarks gpu``). Each
+configuration's achieved GFLOP/s (one step's FLOPs per episode, counted by ``benchmarks.flops``, times its
+episodes/s) is given with its share of that rate times the processes.
 
 Checked first in every launch: one meta-step's all-reduced meta-gradient on 2 processes equals 1 process's, in
 float64, to 1e-10.
@@ -53,20 +55,16 @@ import torch
 
 import metaopt.distributed as distributed
 from benchmarks.bench_maml import float64
-from benchmarks.timing import matmul_gflops, synchronize
+from benchmarks.flops import count_flops, machine_rate
+from benchmarks.timing import synchronize
+from benchmarks.trainers import recipe_trainer
 from metaopt.allocator import keep_freed_memory
-from metaopt.config import build_instance
-from metaopt.learners.base import Learner
-from metaopt.pipelines import load
-from metaopt.pipelines.episodes import train_settings
 from metaopt.runtime import resolve_device
-from metaopt.tasks.base import TaskFamily
-from metaopt.train import Curriculum, MetaTrainer
+from metaopt.train import MetaTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
 GOAL = 0.85
 TOLERANCE = 1e-10
-NEVER = 10**9  # log, validate and checkpoint only after the last step
 CASES = {  # name -> (recipe, learner, tasks per step in the timing, tasks in the float64 check)
     "transformer_quickstart": ("quickstart", "transformer", 256, 8),
     "maml_targetcnn_glyphs": ("hypertransformer", "maml", 32, 4),
@@ -76,19 +74,10 @@ LAUNCH_TIMEOUT_S = 300
 
 
 # ---------------------------------------------------------------------- in a worker process
-def _trainer(case: str, batch_size: int, steps: int, device: torch.device, *, shards: int = 1,
-             dtype: torch.dtype = torch.float32, **changes: Any) -> MetaTrainer:
+def _trainer(case: str, batch_size: int, steps: int, device: torch.device, **changes: Any) -> MetaTrainer:
     """The case's learner and task as its recipe builds them, with the recipe's settings (no curriculum)."""
     recipe, name, _, _ = CASES[case]
-    config = load(recipe)
-    torch.manual_seed(0)
-    spec = {k: v for k, v in config.learners[name].items() if k != "train"}
-    learner = build_instance(spec, f"learners.{name}", Learner).to(dtype)
-    family = build_instance(config.task, "task", TaskFamily)
-    return MetaTrainer(learner, family, train_settings(config, name), name=name, device=device, progress=False,
-                       batch_size=batch_size, shards=shards, steps=steps, warmup_steps=0, curriculum=Curriculum(),
-                       val_tasks=distributed.world().size, val_every=NEVER, log_every=NEVER,
-                       checkpoint_every=NEVER, **changes)
+    return recipe_trainer(recipe, name, batch_size, steps, device, **changes)
 
 
 class Stopwatch:
@@ -187,6 +176,15 @@ def _check_gradients(case: str, device: torch.device) -> dict[str, torch.Tensor]
     return {name: p.grad.cpu() for name, p in trainer.learner.named_parameters() if p.grad is not None}
 
 
+def _flop_per_episode(case: str, tasks: int = 2) -> float:
+    """FLOPs of one meta-training step per episode (``benchmarks.flops``; an inner loop counted task by task:
+    torch's counter overcounts grouped convolutions)."""
+    trainer = _trainer(case, tasks, 1, torch.device("cpu"))
+    if hasattr(trainer.learner, "strategy"):
+        trainer.learner.strategy = "loop"
+    return count_flops(trainer._train_step) / tasks
+
+
 def worker(spec: dict) -> None:
     """One launched process: check (float64, small batch, first), then time each of ``spec["runs"]`` for each of
     ``spec["cases"]``; rank 0 saves both.
@@ -276,7 +274,8 @@ def run(*, quick: bool = False, device: str = "cpu") -> dict:
     load_before = os.getloadavg()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each process of the timed runs
-    rate = matmul_gflops(device=resolve_device(device))
+    rate = machine_rate(resolve_device(device))
+    flop = {case: _flop_per_episode(case) for case in CASES}
     torch.set_num_threads(threads)
     size = SIZES["quick" if quick else "full"]
     available = _processes_available(device)
@@ -303,7 +302,12 @@ def run(*, quick: bool = False, device: str = "cpu") -> dict:
     result["check"] = check
     for case, (recipe, learner, batch, _) in CASES.items():
         entry = entries[case]
-        result[f"{case}_batch_{batch}"] = {"recipe": recipe, "learner": learner, **entry, **_efficiencies(entry)}
+        for timed in entry.values():
+            if "episodes_per_s" in timed:
+                gflops = flop[case] * timed["episodes_per_s"] / 1e9
+                timed |= {"gflops": gflops, "share_of_matmul_rate": gflops / (rate * timed["processes"])}
+        result[f"{case}_batch_{batch}"] = {"recipe": recipe, "learner": learner, "gflop_per_episode": flop[case] / 1e9,
+                                           **entry, **_efficiencies(entry)}
     result["load_average_before_after"] = [load_before[0], os.getloadavg()[0]]
     return result
 

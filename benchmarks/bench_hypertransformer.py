@@ -14,12 +14,17 @@ width 32, 16 tasks: 11 ms vs 151 ms (13.5–13.8×). One episode alone is bound 
 (~1200 small ops); for it the target CNN's convolutions run on torch's native kernel, 25% faster than oneDNN's
 at these sizes (``metaopt.learners.task_folding.folded_conv``). Predicting the queries as well (both learners)
 narrows the ratio to 5.4–9×: the queries' forward pass is the same for both. ``--device cuda`` times both there.
+Both report their achieved GFLOP/s and its share of the machine's fp32 matmul rate (``benchmarks.flops``): the
+generator is bound by per-operation overhead, not arithmetic, so its share is small and says how far from it.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
+from benchmarks.flops import achieved, count_flops
 from benchmarks.timing import best_of
 from hypernets import HyperTransformer, TargetCNN
 from metaopt.learners import MAML
@@ -32,14 +37,21 @@ def _pair(episode, width: int) -> dict:
     with torch.inference_mode():  # how a trained generator is deployed; MAML cannot: its inner loop needs autograd
         generate = best_of(lambda: ht.generate(episode), repeats=15)
         ht_predict = best_of(lambda: ht(episode))
-    with torch.no_grad():
+    with torch.no_grad():  # the counter's module hooks fail under inference mode; the operations are the same
+        generate_flop = count_flops(lambda: ht.generate(episode))
         generate_no_grad = best_of(lambda: ht.generate(episode), repeats=15)
         adapt = best_of(lambda: maml.adapt(episode), repeats=15)
         maml_predict = best_of(lambda: maml(episode))
+        per_task = copy.copy(maml)  # counted task by task: torch's counter overcounts grouped convolutions
+        per_task.strategy = "loop"
+        adapt_flop = count_flops(lambda: per_task.adapt(episode))
+    device = episode.device
     return {"tasks": episode.num_tasks, "ht_generate_s": generate, "ht_generate_no_grad_s": generate_no_grad,
             "maml_5_step_adapt_s": adapt, "speedup": adapt / generate, "speedup_no_grad": adapt / generate_no_grad,
             "ht_predict_queries_s": ht_predict, "maml_predict_queries_s": maml_predict,
-            "predict_speedup": maml_predict / ht_predict, "target_speedup": 10.0}
+            "predict_speedup": maml_predict / ht_predict, "target_speedup": 10.0,
+            "ht_generate_rate": achieved(generate_flop, generate, device=device),
+            "maml_5_step_adapt_rate": achieved(adapt_flop, adapt, device=device)}
 
 
 def run(*, device: str = "cpu") -> dict:

@@ -2,14 +2,16 @@
 
 - Sinusoid regression (Finn et al.): MLP 1-40-40-1, 10 shots, 10 queries, 5 inner SGD steps, meta-batch 25.
 - Memory kept for the meta-gradient of a 50-step unroll (sinusoid MLP): full, truncated to 5 steps, first-order.
-- 5-way 1-shot 28×28 images, 15 queries per class: the 4-conv 32-channel network, 5 inner steps, meta-batch 16;
-  achieved GFLOP/s (counted by ``torch.utils.flop_counter``) against this machine's measured fp32 matmul rate.
+- 5-way 1-shot 28×28 images, 15 queries per class: the 4-conv 32-channel network, 5 inner steps, meta-batch 16.
 
-References, written as a user would: ``higher.innerloop_ctx`` with ``torch.optim.SGD`` (a loop over tasks), and
-learn2learn's ``MAML.clone().adapt`` when learn2learn is importable. Every strategy's meta-gradient is checked
-against the reference's before timing (float32; to 1e-5, relative and absolute, for the MLP; 1e-4 for the CNN,
-whose sums are long). Times are the best of a few meta-steps. On a machine shared with other work, run it with
-``--threads 1``: with 2 threads each parallel op of the task-batched path waits for the busy second core.
+Each timed meta-step reports its achieved GFLOP/s (``benchmarks.flops``) and their share of this machine's fp32
+matmul rate. References, written as a user would: ``higher.innerloop_ctx`` with ``torch.optim.SGD`` (a loop over
+tasks), and learn2learn's ``MAML.clone().adapt`` when learn2learn is importable. Every strategy's meta-gradient
+is checked against higher's before timing, in float64 to 1e-9 (relative and absolute): float32 rounding differs
+between machines (on one, correct float32 meta-gradients of the CNN differed from higher's by 0.4% of the
+largest entry, while in float64 every strategy agrees to 1e-16). The times are float32, the best of a few
+meta-steps. On a machine shared with other work, run it with ``--threads 1``: with 2 threads each parallel op of
+the task-batched path waits for the busy second core.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import copy
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.timing import best_of, matmul_gflops
+from benchmarks.flops import achieved, count_flops, machine_rate
+from benchmarks.memory import saved_megabytes
+from benchmarks.timing import best_of
 from metaopt.episodes import Episode
 from metaopt.extras import import_learn2learn
 from metaopt.learners import MAML
@@ -31,7 +34,7 @@ from metaopt.tasks import Sinusoid
 INNER_LR, INNER_STEPS = 0.01, 5
 
 
-def higher_step(model: nn.Module, episode: Episode) -> list[torch.Tensor]:
+def higher_step(model: nn.Module, episode: Episode, steps: int = INNER_STEPS) -> list[torch.Tensor]:
     """One MAML meta-gradient with ``higher`` and ``torch.optim.SGD``, task by task."""
     import higher
 
@@ -40,19 +43,19 @@ def higher_step(model: nn.Module, episode: Episode) -> list[torch.Tensor]:
     for t in range(episode.num_tasks):
         with higher.innerloop_ctx(model, torch.optim.SGD(model_params, lr=INNER_LR),
                                   copy_initial_weights=False) as (fmodel, diffopt):
-            for _ in range(INNER_STEPS):
+            for _ in range(steps):
                 diffopt.step(loss_fn(fmodel(episode.x_support[t]), episode.y_support[t]))
             losses.append(loss_fn(fmodel(episode.x_query[t]), episode.y_query[t]))
     return list(torch.autograd.grad(torch.stack(losses).mean(), model_params))
 
 
-def learn2learn_step(model: nn.Module, episode: Episode) -> list[torch.Tensor]:
+def learn2learn_step(model: nn.Module, episode: Episode, steps: int = INNER_STEPS) -> list[torch.Tensor]:
     """One MAML meta-gradient with learn2learn's ``MAML`` (``clone`` + ``adapt`` per task)."""
     maml, loss_fn = import_learn2learn().algorithms.MAML(model, lr=INNER_LR), episode.kind.loss
     losses = []
     for t in range(episode.num_tasks):
         learner = maml.clone()
-        for _ in range(INNER_STEPS):
+        for _ in range(steps):
             learner.adapt(loss_fn(learner(episode.x_support[t]), episode.y_support[t]))
         losses.append(loss_fn(learner(episode.x_query[t]), episode.y_query[t]))
     return list(torch.autograd.grad(torch.stack(losses).mean(), list(model.parameters())))
@@ -62,15 +65,16 @@ def ours_step(learner: MAML, episode: Episode) -> list[torch.Tensor]:
     return list(torch.autograd.grad(learner.loss(episode), list(learner.parameters())))
 
 
-def _references() -> dict:
-    references = {"higher": higher_step}
+def references() -> dict:
+    """The references by name, each called as ``(model, episode, steps)``: higher, and learn2learn if installed."""
+    found = {"higher": higher_step}
     try:
         import_learn2learn()
     except ImportError:
         pass
     else:
-        references["learn2learn"] = learn2learn_step
-    return references
+        found["learn2learn"] = learn2learn_step
+    return found
 
 
 def float64(episode: Episode) -> Episode:
@@ -83,7 +87,7 @@ def float64(episode: Episode) -> Episode:
 def check_meta_gradients(model: nn.Module, episode: Episode, strategies: list[str], *, tolerance: float) -> None:
     """Every strategy's meta-gradient equals higher's, in float64 (float32 rounding differs between machines)."""
     model64, episode64 = copy.deepcopy(model).double(), float64(episode)
-    expected = _references()["higher"](model64, episode64)
+    expected = references()["higher"](model64, episode64)
     for strategy in strategies:
         learner = MAML(model64, INNER_STEPS, INNER_LR, strategy=strategy)
         for ours, theirs in zip(ours_step(learner, episode64), expected):
@@ -99,24 +103,27 @@ def compare_meta_steps(model: nn.Module, episode: Episode, strategies: list[str]
     """
     check_meta_gradients(model, episode, strategies, tolerance=tolerance)
     learners = {s: MAML(model, INNER_STEPS, INNER_LR, strategy=s) for s in strategies}
-    references = _references()
+    reference_steps = references()
     seconds = {f"ours_{s}": best_of(lambda l=l: ours_step(l, episode), repeats=repeats)
                for s, l in learners.items()}
-    seconds |= {name: best_of(lambda f=f: f(model, episode), repeats=repeats) for name, f in references.items()}
+    seconds |= {name: best_of(lambda f=f: f(model, episode), repeats=repeats)
+                for name, f in reference_steps.items()}
     resolved = MAML(model, INNER_STEPS, INNER_LR).resolved_strategy()
     auto = f"ours_{resolved}"
-    fastest_reference = min(seconds[name] for name in references)
-    with FlopCounterMode(display=False) as counter:  # per task: torch's counter overcounts grouped convolutions
-        ours_step(MAML(model, INNER_STEPS, INNER_LR, strategy="loop"), episode)
+    fastest_reference = min(seconds[name] for name in reference_steps)
+    # per task: torch's counter overcounts grouped convolutions
+    flop = count_flops(lambda: ours_step(MAML(model, INNER_STEPS, INNER_LR, strategy="loop"), episode))
+    rates = {k: achieved(flop, v) for k, v in seconds.items()}
     return {
         "seconds": seconds,
         "auto_strategy": auto,
         "speedup_vs_higher": seconds["higher"] / seconds[auto],
         "speedup_vs_fastest_reference": fastest_reference / seconds[auto],
-        "gflop_per_meta_step": counter.get_total_flops() / 1e9,
-        "gflops_achieved": {k: counter.get_total_flops() / v / 1e9 for k, v in seconds.items()},
+        "gflop_per_meta_step": flop / 1e9,
+        "gflops_achieved": {k: rate["gflops"] for k, rate in rates.items()},
+        "share_of_matmul_rate": {k: rate["share_of_matmul_rate"] for k, rate in rates.items()},
         "gradients_match_higher_to_in_float64": tolerance,
-        "references": sorted(references),
+        "references": sorted(reference_steps),
     }
 
 
@@ -135,19 +142,6 @@ def conv_images(meta_batch: int = 16, ways: int = 5, queries: int = 15) -> dict:
     return compare_meta_steps(conv4(1, 32, ways), episode, ["folded", "loop", "batched"], tolerance=1e-9, repeats=3)
 
 
-def saved_megabytes(fn) -> float:
-    """Megabytes of distinct tensors autograd keeps for the backward of ``fn()`` (the meta-gradient's memory)."""
-    seen: dict[tuple[int, int], int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values()) / 2**20
-
-
 def unroll_memory(steps: int = 50, truncate: int = 5) -> dict:
     """Memory of a ``steps``-step MAML meta-gradient (sinusoid MLP, 25 tasks): full, truncated, first-order."""
     episode = Sinusoid().sample(25, 10, 10, generator=torch.Generator().manual_seed(0))
@@ -163,7 +157,7 @@ def unroll_memory(steps: int = 50, truncate: int = 5) -> dict:
 
 def run() -> dict:
     return {
-        "matmul_gflops": matmul_gflops(),
+        "matmul_gflops": machine_rate(),
         "maml_sinusoid_50_step_unroll_memory": unroll_memory(),
         "maml_sinusoid_mlp_1_40_40_1_meta_batch_25": sinusoid(),
         "maml_conv4_32ch_28x28_5way_1shot_meta_batch_16": conv_images(),

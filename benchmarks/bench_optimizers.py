@@ -4,16 +4,27 @@
   (the target: at most 2×). Only ``step()`` is timed, on fixed gradients.
 - Memory of a 50-step unrolled meta-gradient of a LayerwiseMixture: full backprop, truncated (last 10 steps),
   first-order, and antithetic ES: the peak bytes of distinct storages that autograd holds for backward passes
-  at any one time (counted with ``saved_tensors_hooks``; ES holds only one inner step's graph at a time).
+  at any one time (``benchmarks.memory``; ES holds only one inner step's graph at a time).
   Resident-set growth was tried and dropped: glibc's reuse of freed memory made it read 0 for most estimators.
+
+An optimizer's step does no matmuls: its FLOPs are one per output element of each elementwise operation
+(``benchmarks.flops.pointwise_flops``), counted for the mixture on its public-op path (torch's fused kernels,
+which do the same arithmetic in fewer passes, are invisible to the counter). A step is bound by memory traffic,
+so its share of the matmul rate is small by nature.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 from torch import nn
 
 import optimizers as O
+import optimizers._torch_kernels as kernels
+from benchmarks.flops import achieved, pointwise_flops
+from benchmarks.memory import SavedTensors
 from benchmarks.timing import best_of
 from optimizers.environments import Environment, mlp_apply, mlp_init
 
@@ -37,54 +48,46 @@ def _step_time() -> dict:
     loss = torch.tensor(1.0)
     mixture_s = best_of(lambda: ours.step(loss=loss), repeats=50, warmup=5)
     adam_s = best_of(adam.step, repeats=50, warmup=5)
+    with _public_ops():
+        mixture_flop = pointwise_flops(lambda: ours.step(loss=loss))
+    adam_flop = pointwise_flops(adam.step)
     return {"parameters": sum(p.numel() for p in net.parameters()), "layerwise_mixture_step_s": mixture_s,
-            "torch_adam_foreach_step_s": adam_s, "ratio": mixture_s / adam_s, "target_ratio": 2.0}
+            "torch_adam_foreach_step_s": adam_s, "ratio": mixture_s / adam_s, "target_ratio": 2.0,
+            "layerwise_mixture_rate": achieved(mixture_flop, mixture_s),
+            "torch_adam_foreach_rate": achieved(adam_flop, adam_s)}
 
 
-def _setup() -> tuple[Environment, O.LayerwiseMixture]:
+@contextlib.contextmanager
+def _public_ops() -> Iterator[None]:
+    """The mixture's in-place steps in public ops (torch's fused kernels off), whose FLOPs the counter sees."""
+    fused = (kernels.FUSED_ADAM, kernels.FUSED_SGD)
+    saved = [kernel.fn for kernel in fused]
+    for kernel in fused:
+        kernel.fn = None
+    try:
+        yield
+    finally:
+        for kernel, fn in zip(fused, saved):
+            kernel.fn = fn
+
+
+def _setup(horizon: int) -> tuple[Environment, O.LayerwiseMixture]:
     g = torch.Generator().manual_seed(0)
     env = Environment(mlp_apply, lambda gen: mlp_init(SIZES, gen), torch.randn(512, SIZES[0], generator=g),
-                      torch.randint(SIZES[-1], (512,), generator=g), horizon=50, batch_size=128)
+                      torch.randint(SIZES[-1], (512,), generator=g), horizon=horizon, batch_size=128)
     torch.manual_seed(0)
     eps_root = {"adam": {"eps_root": 1e-16}, "rmsprop": {"eps_root": 1e-16}}
     layers = {f"layer{i}": [f"{i}.weight", f"{i}.bias"] for i in range(len(SIZES) - 1)}
-    return env, O.LayerwiseMixture(layers, horizon=50, direction_kwargs=eps_root)
+    return env, O.LayerwiseMixture(layers, horizon=horizon, direction_kwargs=eps_root)
 
 
-class _SavedTensors:
-    """Bytes of distinct storages autograd holds for backward passes, now and at the peak."""
-
-    def __init__(self) -> None:
-        self.live: dict[int, list[int]] = {}  # storage pointer -> [bytes, references]
-        self.now = self.peak = 0
-
-    def pack(self, tensor: torch.Tensor) -> "_Held":
-        return _Held(self, tensor)
-
-
-class _Held:
-    def __init__(self, owner: _SavedTensors, tensor: torch.Tensor) -> None:
-        self.owner, self.tensor = owner, tensor
-        self.key = tensor.untyped_storage().data_ptr()
-        entry = owner.live.setdefault(self.key, [tensor.untyped_storage().nbytes(), 0])
-        if entry[1] == 0:
-            owner.now += entry[0]
-            owner.peak = max(owner.peak, owner.now)
-        entry[1] += 1
-
-    def __del__(self) -> None:
-        entry = self.owner.live[self.key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.owner.now -= entry[0]
-            del self.owner.live[self.key]
-
-
-def _memory(name: str) -> dict:
-    env, mixture = _setup()
-    tracker = _SavedTensors()
+def unroll_memory(name: str, horizon: int = 50) -> dict:
+    """Peak MiB held for backward, and seconds, of estimator ``name``'s meta-gradient over a ``horizon``-step
+    unroll (one estimate)."""
+    env, mixture = _setup(horizon)
+    tracker = SavedTensors()
     meta = {k: v.detach() for k, v in mixture.named_parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(tracker.pack, lambda held: held.tensor):
+    with torch.autograd.graph.saved_tensors_hooks(tracker.pack, SavedTensors.unpack):
         seconds = best_of(lambda: ESTIMATORS[name]().estimate(env, mixture.optimizer, meta,
                                                              generator=torch.Generator().manual_seed(1)),
                           repeats=1, warmup=0)
@@ -92,7 +95,7 @@ def _memory(name: str) -> dict:
 
 
 def run() -> dict:
-    memory = {name: _memory(name) for name in ESTIMATORS}
+    memory = {name: unroll_memory(name) for name in ESTIMATORS}
     return {
         "as_torch_optimizer_step_1m_params": _step_time(),
         "unrolled_meta_gradient_memory_50_steps": {"model": f"MLP {SIZES}, batch 128, LayerwiseMixture",

@@ -90,8 +90,10 @@ def steps_to(curve: Tensor, target: float) -> int | None:
 
 
 def compare(problem: Problem, args: argparse.Namespace, *, meta_steps: int, pairs: int, eval_seeds: int,
-            grid: Sequence[float] = ADAM_GRID) -> dict:
-    """Tune Adam (constant and cosine) on the grid, meta-train the specialized optimizer, compare, plot."""
+            grid: Sequence[float] = ADAM_GRID, batch_runs: int | None = None) -> dict:
+    """Tune Adam (constant and cosine) on the grid, meta-train the specialized optimizer, compare, plot.
+
+    ``batch_runs``: how many of ES's ``2 * pairs`` inner runs advance together, vmapped (None: all)."""
     out = Path(args.out) / problem.name
     out.mkdir(parents=True, exist_ok=True)
     # 1. tuned Adam: the learning rate of the grid with the lowest final loss (tuning seed 1000)
@@ -103,7 +105,7 @@ def compare(problem: Problem, args: argparse.Namespace, *, meta_steps: int, pair
     torch.manual_seed(0)
     metaopt.optimizers_for(problem.make_model(), (problem.x, problem.y), problem.loss, horizon=problem.horizon,
                            steps=meta_steps, batch_size=problem.batch_size, init=problem.make_model,
-                           estimator=O.AntitheticES(sigma=0.01, pairs=pairs), adam_lrs=grid,
+                           estimator=O.AntitheticES(sigma=0.01, pairs=pairs, batch_runs=batch_runs), adam_lrs=grid,
                            save_to=out / "mixture.pt")
     # 3. every optimizer on the same fresh models and batches (seeds 0..), the learned one loaded from its file
     makers = {

@@ -36,6 +36,8 @@ __all__ = ["ADAM_GRID", "optimizers_for"]
 
 ADAM_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 """The learning rates tried for Adam (the bundled recipe's grid)."""
+DEFAULT_ESTIMATOR = "AntitheticES(sigma=0.01, pairs=4, batch_runs=None)"
+"""The meta-gradient estimator when none is given (as the settings saved with the optimizer name it)."""
 
 
 def optimizers_for(
@@ -66,8 +68,10 @@ def optimizers_for(
         steps: meta-training steps.
         init: a function making a freshly initialised model per meta-training run (default: every run starts from
             ``model``'s current weights).
-        estimator: the meta-gradient estimator (default ``AntitheticES(sigma=0.01, pairs=4)``; ``FullBackprop``,
-            ``TruncatedBackprop`` and ``PES`` work too).
+        estimator: the meta-gradient estimator (default ``AntitheticES(sigma=0.01, pairs=4, batch_runs=None)``, its
+            8 inner runs vmapped together; ``FullBackprop``, ``TruncatedBackprop`` and ``PES`` work too). On CPU,
+            fused attention (``scaled_dot_product_attention``) has no batching rule and runs slower batched: give
+            such models ``AntitheticES(..., batch_runs=1)``.
         meta_lr, grad_clip: the outer Adam's learning rate and gradient-norm clip.
         adam_lrs, tuning_seeds: the grid Adam's learning rate is tuned on, and the seeds per rate.
         mixture: further arguments of ``LayerwiseMixture`` (``directions``, ``initial``, ``embedding_dim``, ...).
@@ -82,7 +86,7 @@ def optimizers_for(
         "horizon": horizon, "steps": steps, "batch_size": batch_size, "meta_lr": meta_lr, "grad_clip": grad_clip,
         "adam_lrs": [float(lr) for lr in adam_lrs], "tuning_seeds": tuning_seeds, "seed": seed,
         "fresh_init": init is not None, "mixture": dict(mixture or {}),
-        "estimator": type(estimator).__name__ if estimator is not None else "AntitheticES(sigma=0.01, pairs=4)",
+        "estimator": type(estimator).__name__ if estimator is not None else DEFAULT_ESTIMATOR,
     }
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be the nn.Module to train; got {type(model).__name__} (a factory of fresh "
@@ -107,8 +111,9 @@ def optimizers_for(
     arguments["base_lrs"] = {**arguments.get("base_lrs", {}), "adam": search.best}
     learned = O.LayerwiseMixture.for_parameters(model.named_parameters(), horizon=horizon, **arguments)
     # 3. meta-training
-    losses = meta_train(learned, environment, estimator or O.AntitheticES(sigma=0.01, pairs=4), steps=steps,
-                        lr=meta_lr, grad_clip=grad_clip, generator=generator(seeds.meta_training(0)), log=log)
+    estimator = estimator or O.AntitheticES(sigma=0.01, pairs=4, batch_runs=None)  # the 8 inner runs batched
+    losses = meta_train(learned, environment, estimator, steps=steps, lr=meta_lr, grad_clip=grad_clip,
+                        generator=generator(seeds.meta_training(0)), log=log)
     # 4. a torch optimizer over the model, and the file
     if save_to is not None:
         metrics = {"tuned_adam_lr": search.best, "adam_grid": {str(k): v for k, v in search.scores.items()},

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils import _pytree as pytree
 from torch.utils.data import Dataset
 
 from optimizers._checks import positive_int
@@ -44,6 +45,11 @@ LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "cross_entropy": F.cross_entropy,
     "mse": lambda out, y: 0.5 * ((out - y) ** 2).sum(-1).mean(),
 }
+
+
+def _stack(trees: Sequence[Any]) -> Any:
+    """Trees of equal structure stacked leaf by leaf along a new leading dimension."""
+    return pytree.tree_map(lambda *leaves: torch.stack(leaves), *trees)
 
 
 class TrainState(NamedTuple):
@@ -260,6 +266,54 @@ class Environment:
             loss, state = self._step(transform, state, first_order)
             losses.append(loss)
         return Unroll(torch.stack(losses) if losses else self.x.new_zeros(0), state)
+
+    @torch.no_grad()
+    def unroll_runs(
+        self,
+        optimizer: OptimizerFactory,
+        meta_params: Sequence[MetaParams | None],
+        steps: int,
+        generators: Sequence[torch.Generator],
+    ) -> Tensor:
+        """The training losses ``[R, steps]`` of ``R`` fresh runs, run ``i`` under ``meta_params[i]`` and drawn from
+        ``generators[i]``, advanced together: one ``torch.func.vmap``-ed step over a leading run dimension.
+
+        The same numbers as ``R`` calls of :meth:`unroll` under ``torch.no_grad()`` (same weights, batches and
+        updates), in one batched call per step instead of ``R``; memory grows ``R``-fold. Nothing is recorded for
+        autograd (evolution strategies). The model and the optimizer must be functional enough for ``vmap``: no
+        ``.item()`` or in-place changes of their inputs, no data-dependent control flow.
+        """
+        if len(meta_params) != len(generators) or not generators:
+            raise ValueError(f"unroll_runs needs one generator per run; got {len(meta_params)} meta-parameter sets "
+                             f"and {len(generators)} generators")
+        states = [self.init(optimizer, m, g) for m, g in zip(meta_params, generators)]
+        learned = meta_params[0] is not None
+        if any((m is not None) != learned for m in meta_params):
+            raise ValueError("unroll_runs: give meta-parameters for every run or for none")
+        params, opt_state = _stack([s.params for s in states]), _stack([s.opt_state for s in states])
+        metas = _stack(list(meta_params)) if learned else None
+        full_batch = self.batch_size is None  # every run sees the whole training set: not copied R times
+
+        def step(p: Params, o: OptState, m: MetaParams | None, x: Tensor, y: Tensor):
+            def loss_of(q: Params) -> tuple[Tensor, Tensor]:
+                loss = self.loss_fn(self.apply(q, x), y)
+                return loss, loss
+
+            grads, loss = torch.func.grad(loss_of, has_aux=True)(p)
+            updates, o = optimizer(m).update(grads, o, p, loss=loss)
+            return apply_updates(p, updates), o, loss
+
+        data_dims = (None, None) if full_batch else (0, 0)
+        batched = torch.func.vmap(step, in_dims=(0, 0, 0 if learned else None, *data_dims))
+        losses = []
+        for t in range(steps):
+            if full_batch:
+                x, y = self.x, self.y
+            else:
+                x, y = (torch.stack(part) for part in zip(*(self.batch(s.seed, t) for s in states)))
+            params, opt_state, loss = batched(params, opt_state, metas, x, y)
+            losses.append(loss)
+        return torch.stack(losses, 1) if losses else self.x.new_zeros(len(states), 0)
 
     def _step(
         self, transform: GradientTransformation, state: TrainState, first_order: bool

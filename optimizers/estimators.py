@@ -36,6 +36,7 @@ Backpropagation does one inner run: there is nothing to split, and every rank co
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -223,38 +224,60 @@ class AntitheticES(GradientEstimator):
         steps: unroll length (default: the environment's horizon).
         sigma: perturbation scale ``σ``.
         pairs: number ``N`` of antithetic pairs.
+        batch_runs: how many of the ``2N`` inner runs (this rank's) advance together, vmapped over a leading run
+            dimension (:meth:`~optimizers.environments.Environment.unroll_runs`): 1 runs them one after another
+            (the least memory), None all at once; memory grows with it. An environment without ``unroll_runs``,
+            or a model or optimizer that ``vmap`` cannot batch, runs them one after another (with a warning).
     """
 
-    def __init__(self, steps: int | None = None, *, sigma: float = 0.01, pairs: int = 8) -> None:
+    def __init__(self, steps: int | None = None, *, sigma: float = 0.01, pairs: int = 8,
+                 batch_runs: int | None = 1) -> None:
         if steps is not None:
             positive_int("steps", steps, owner=type(self).__name__)
-        self.steps = steps
+        if batch_runs is not None:
+            positive_int("batch_runs", batch_runs, owner=type(self).__name__)
+        self.steps, self.batch_runs = steps, batch_runs
         self._perturb = _Perturbations(sigma, pairs, owner=type(self).__name__)
+        self._unbatchable = False  # vmap failed once on this estimator's environment: run one after another
 
     @torch.no_grad()
     def estimate(self, environment, optimizer, meta_params, *, generator):
         steps = _steps(self.steps, environment)
         rank, size = world()
-        directions, pluses, minuses = [], [], []
+        directions, runs = [], []  # runs: (pair, sign, shifted meta-parameters, run seed) of this rank's pairs
         for i in range(self._perturb.pairs):
             eps = self._perturb.draw(meta_params, generator)  # every rank draws every pair, as one process does
-            run_seed = _seed(generator)
+            run_seed = _seed(generator)  # the same inner run for both members of the pair
             directions.append(eps)
-            if i % size != rank:  # another rank evaluates this pair
-                pluses.append(0.0)
-                minuses.append(0.0)
-                continue
-            losses = []
-            for sign in (1.0, -1.0):
-                shifted = self._perturb.shifted(meta_params, eps, sign)
-                run = torch.Generator().manual_seed(run_seed)  # the same inner run for both members of the pair
-                losses.append(float(environment.unroll(optimizer, shifted, steps, generator=run).losses.mean()))
-            pluses.append(losses[0])
-            minuses.append(losses[1])
+            if i % size == rank:  # else another rank evaluates this pair
+                runs += [(i, sign, self._perturb.shifted(meta_params, eps, sign), run_seed) for sign in (1.0, -1.0)]
+        table = {(i, sign): loss for (i, sign, _, _), loss in zip(runs, self._mean_losses(environment, optimizer,
+                                                                                           runs, steps))}
+        pluses = [table.get((i, 1.0), 0.0) for i in range(self._perturb.pairs)]
+        minuses = [table.get((i, -1.0), 0.0) for i in range(self._perturb.pairs)]
         pluses, minuses = _share_pair_losses(pluses, minuses, _device(meta_params))
         grads = self._perturb.combine(directions, [p - m for p, m in zip(pluses, minuses)])
         loss = 0.5 * (sum(pluses) + sum(minuses)) / self._perturb.pairs
         return GradientEstimate(loss, grads, _es_metrics(pluses, minuses, grads))
+
+
+    def _mean_losses(self, environment, optimizer, runs: list[tuple], steps: int) -> list[float]:
+        """Each run's mean training loss, ``batch_runs`` runs at a time where the environment can batch them."""
+        def generator(seed: int) -> torch.Generator:
+            return torch.Generator().manual_seed(seed)
+
+        chunk = len(runs) if self.batch_runs is None else self.batch_runs
+        if chunk > 1 and not self._unbatchable and hasattr(environment, "unroll_runs"):
+            try:
+                return [float(loss) for start in range(0, len(runs), chunk) for loss in environment.unroll_runs(
+                    optimizer, [r[2] for r in runs[start:start + chunk]], steps,
+                    [generator(r[3]) for r in runs[start:start + chunk]]).mean(1)]
+            except RuntimeError as error:  # vmap cannot batch this model or optimizer
+                self._unbatchable = True
+                warnings.warn(f"AntitheticES: the inner runs could not be batched ({error}); running them one after "
+                              "another (batch_runs=1 silences this)", RuntimeWarning, stacklevel=3)
+        return [float(environment.unroll(optimizer, shifted, steps, generator=generator(seed)).losses.mean())
+                for _, _, shifted, seed in runs]
 
 
 @dataclass

@@ -99,6 +99,56 @@ def test_an_environment_from_a_factory_draws_fresh_initialisations_from_the_run_
 # --- 2. one file: save -> load ------------------------------------------------------------------------------------
 
 
+class _ItemNet(nn.Module):
+    """A model vmap cannot batch: it reads a value back to Python."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        return self.linear(x) * (1.0 if self.linear.weight.sum().item() < 1e9 else 0.0)
+
+
+@pytest.mark.parametrize("batch_size", [8, None])
+def test_batched_inner_runs_give_the_sequential_estimate(batch_size):
+    env = O.Environment.from_module(lambda: _mlp(3), (X, Y), F.cross_entropy, horizon=5, batch_size=batch_size)
+    mixture = _perturbed(O.LayerwiseMixture.for_parameters(_mlp(3).named_parameters(), horizon=5,
+                                                          direction_kwargs={"adam": {"eps_root": 1e-16}}).double())
+    meta = dict(mixture.named_parameters())
+    # the batched runs reproduce unroll's losses run by run
+    metas = [{k: v.detach() + 0.01 * i for k, v in meta.items()} for i in range(3)]
+    batched = env.unroll_runs(mixture.optimizer, metas, 5, [torch.Generator().manual_seed(i) for i in range(3)])
+    with torch.no_grad():
+        one_by_one = torch.stack([env.unroll(mixture.optimizer, m, 5, generator=torch.Generator().manual_seed(i)).losses
+                                  for i, m in enumerate(metas)])
+    assert batched.shape == (3, 5) and torch.allclose(batched, one_by_one, rtol=0, atol=1e-12)
+    # and so the ES estimate does not depend on how many runs go together
+    estimates = [O.AntitheticES(sigma=0.01, pairs=3, batch_runs=b).estimate(
+        env, mixture.optimizer, meta, generator=torch.Generator().manual_seed(7)) for b in (1, 4, None)]
+    for other in estimates[1:]:
+        assert other.loss == pytest.approx(estimates[0].loss, abs=1e-12)
+        assert all(torch.allclose(other.grads[k], estimates[0].grads[k], rtol=0, atol=1e-9) for k in meta)
+
+
+def test_an_unbatchable_model_falls_back_to_one_run_after_another():
+    env = O.Environment.from_module(_ItemNet(), (X, Y), F.cross_entropy, horizon=3, batch_size=8)
+    sgd = lambda meta: O.sgd(meta["lr"])  # noqa: E731
+    meta = {"lr": torch.tensor(0.1, dtype=torch.float64)}
+    reference = O.AntitheticES(pairs=2, batch_runs=1).estimate(env, sgd, meta,
+                                                               generator=torch.Generator().manual_seed(0))
+    estimator = O.AntitheticES(pairs=2, batch_runs=None)
+    with pytest.warns(RuntimeWarning, match="could not be batched"):
+        estimate = estimator.estimate(env, sgd, meta, generator=torch.Generator().manual_seed(0))
+    assert estimate.loss == reference.loss and torch.equal(estimate.grads["lr"], reference.grads["lr"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        estimator.estimate(env, sgd, meta, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="batch_runs must be an int >= 1"):
+        O.AntitheticES(batch_runs=0)
+
+
+
 @pytest.mark.parametrize("static", [False, True])
 def test_save_then_load_gives_the_same_updates_bit_for_bit(tmp_path, static):
     model, copy = _mlp(), _mlp()

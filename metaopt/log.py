@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Optional, Sequence, get_args
 
-from metaopt import checkpoints, distributed
+from metaopt import checkpoints, distributed, plotting
 
 logger = logging.getLogger(__name__)
 
@@ -231,12 +231,13 @@ class Run:
             self._guard("summary", lambda: self._wandb.summary.update(_jsonable(values)))
 
     def save_figure(self, figure, name: str) -> Path:
-        """Save a matplotlib figure as ``figures/<name>.png`` and mirror it to W&B as an image."""
+        """Save a matplotlib figure as ``figures/<name>.png`` (:func:`metaopt.plotting.save`) and mirror it to W&B
+        as an image."""
         target = self.figure_dir / f"{name}.png"
         if not self.writes:
             return target
         with checkpoints.writing(target):
-            figure.savefig(target, dpi=120, bbox_inches="tight")
+            plotting.save(figure, target)
         if self._wandb is not None:
 
             def upload():

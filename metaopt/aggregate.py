@@ -16,13 +16,16 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
-from matplotlib.figure import Figure
 
+from metaopt import plotting
 from metaopt.compare import ClaimSpec, Comparison, Curve, check_claim
 from metaopt.sweep import RESULTS_FILE, SEED_KEY, SweepPlan
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["Group", "aggregate", "bootstrap_mean_interval", "format_group", "groups_of", "plot_groups", "summarise"]
 
@@ -49,7 +52,8 @@ def bootstrap_mean_interval(values: np.ndarray, *, resamples: int = RESAMPLES, l
 
 @dataclass
 class Group:
-    """The points of a sweep that differ only in their seed, and what they measured together."""
+    """The points of a sweep that differ only in their seed, and what they measured together (``chance`` and
+    ``dimension`` as in :class:`~metaopt.compare.Comparison`, where the runs recorded them)."""
 
     name: str
     settings: dict[str, str]
@@ -61,6 +65,8 @@ class Group:
     num_tasks: int
     learners: dict[str, dict[str, Any]]
     claims: list[dict[str, Any]]
+    chance: float | None = None
+    dimension: int | None = None
 
     def comparison(self) -> Comparison:
         """The group's means and across-seed intervals as a :class:`~metaopt.compare.Comparison`."""
@@ -99,7 +105,8 @@ def aggregate(name: str, settings: Mapping[str, str], seeds: Sequence[str], poin
                             "high": [r["curves"][learner]["high"] for r in results]},
         }
     group = Group(name, dict(settings), list(seeds), list(points), first["metric"], first["lower_is_better"],
-                  list(first["support_sizes"]), int(first["num_tasks"]), learners, [])
+                  list(first["support_sizes"]), int(first["num_tasks"]), learners, [], first.get("chance"),
+                  first.get("dimension"))
     spec_fields = [f.name for f in dataclasses.fields(ClaimSpec)]
     comparison = group.comparison()
     for i, claim in enumerate(first.get("claims", [])):
@@ -149,24 +156,29 @@ def format_group(group: Group) -> str:
 
 
 def plot_groups(groups: Sequence[Group], title: str = "") -> Figure:
-    """Metric vs k with the across-seed band, one line per learner, one panel per group (shared y axis)."""
-    fig = Figure(figsize=(5.5 * len(groups), 4.2))
-    axes = fig.subplots(1, len(groups), sharey=True, squeeze=False)[0]
+    """Metric vs k with the across-seed band, one line per learner, one panel per group (the same y range, up
+    to three panels a row)."""
+    if not groups:
+        raise ValueError("plot_groups needs at least one group")
+    columns = min(3, len(groups))
+    fig, axes = plotting.new_figure(columns, math.ceil(len(groups) / columns), panel=(5.4, 4.0))
+    order = list(dict.fromkeys(name for group in groups for name in group.learners))
+    every = []
     for ax, group in zip(axes, groups):
-        ks = group.support_sizes
-        for name, v in group.learners.items():
-            (line,) = ax.plot(ks, v["mean"], "-" if v["implicit"] else "--", marker="o", markersize=3, label=name)
-            ax.fill_between(ks, v["low"], v["high"], color=line.get_color(), alpha=0.2)
-        ax.set_title(f"{group.name} ({len(group.seeds)} seeds)", fontsize=9)
-        ax.set_xlabel("in-context / support examples k")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(groups[0].metric.replace("_", " "))
-    if groups[0].metric == "normalized_error":
-        top = max(max(v["mean"]) for g in groups for v in g.learners.values())
-        axes[0].set_ylim(0, min(1.25, top * 1.05) if top > 0 else 1)
-    axes[-1].legend(frameon=False, fontsize=8)
-    fig.suptitle(title)
-    return fig
+        series = [plotting.Series(name, group.support_sizes, v["mean"], v["low"], v["high"], v["implicit"])
+                  for name, v in group.learners.items()]
+        plotting.plot_vs_k(ax, series, group.metric, chance=group.chance, dimension=group.dimension,
+                           styles=[order.index(name) for name in group.learners])
+        ax.set_title(f"{group.name} ({len(group.seeds)} seed{'s' if len(group.seeds) != 1 else ''})")
+        every += series
+    plotting.same_y_range(axes[:len(groups)])
+    for ax in axes[len(groups):]:
+        ax.set_visible(False)
+    metric = groups[0].metric.replace("_", " ")
+    note = plotting.learner_note(every)
+    subtitle = (f"{metric}: mean over seeds, {plotting.band_word(every)}: 95% bootstrap interval across seeds "
+                f"(a single seed: its interval over {groups[0].num_tasks} tasks)" + (f" · {note}" if note else ""))
+    return plotting.finish(fig, title or f"{metric} vs k", subtitle)
 
 
 def summarise(folder: str | Path) -> tuple[list[Group], dict[str, Path]]:
@@ -192,6 +204,5 @@ def summarise(folder: str | Path) -> tuple[list[Group], dict[str, Path]]:
     if groups:
         (plan.folder / "figures").mkdir(exist_ok=True)
         written["plot"] = plan.folder / "figures" / f"{groups[0].metric}_vs_k.png"
-        plot_groups(groups, title=f"{plan.recipe}: {plan.sweep_id}").savefig(written["plot"], dpi=120,
-                                                                            bbox_inches="tight")
+        plotting.save(plot_groups(groups, title=f"{plan.recipe}: {plan.sweep_id}"), written["plot"])
     return groups, written

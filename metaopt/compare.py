@@ -17,12 +17,11 @@ import io
 import shutil
 import textwrap
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import torch
-from matplotlib.figure import Figure
 
-from metaopt import distributed
+from metaopt import distributed, plotting
 from metaopt.analysis.suite import format_analysis, parse_analyses, plot_analysis, run_analyses
 from metaopt.checks import non_negative_int, positive_int, sequence_of
 from metaopt.episodes import Episode
@@ -31,6 +30,9 @@ from metaopt.metrics import Metric, bootstrap_band, prediction_similarity
 from metaopt.progress import Progress
 from metaopt.seeds import comparison_streams, generator
 from metaopt.tasks.base import TaskFamily
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass
@@ -108,7 +110,11 @@ class Claim(ClaimSpec):
 
 @dataclass
 class Comparison:
-    """Everything ``compare`` measured; ``to_dict`` is what ``results.json`` holds."""
+    """Everything ``compare`` measured; ``to_dict`` is what ``results.json`` holds.
+
+    ``chance``: for accuracy, the accuracy of always guessing the most frequent query label (1/ways on balanced
+    episodes); ``dimension``: for regression, the input dimension d where the family has one.
+    """
 
     metric: str
     lower_is_better: bool
@@ -119,6 +125,8 @@ class Comparison:
     claims: list[Claim] = field(default_factory=list)
     analysis: dict[str, dict[str, dict]] = field(default_factory=dict)
     analysis_skipped: dict[str, dict[str, str]] = field(default_factory=dict)
+    chance: float | None = None
+    dimension: int | None = None
     kind: str = "regression"  # the episodes' kind: what the prediction similarity compares (COMPARED_AS)
 
     def to_dict(self) -> dict:
@@ -226,11 +234,21 @@ def compare(
                                             episode.kind.comparable(predictions[b]))
                 similarity[f"{a} vs {b}"] = {key: value.tolist() for key, value in sim.items()}
     comparison = Comparison(metric.name, metric.lower_is_better, support_sizes, num_tasks, curves, similarity,
+                            chance=chance_accuracy(episode) if metric.name == "accuracy" else None,
+                            dimension=getattr(family, "dim", None) if episode.kind == "regression" else None,
                             kind=str(episode.kind))
     comparison.claims = [check_claim(comparison, claim) for claim in claims]
     analysed = run_analyses(analyses, learners, episode, support_sizes, seed=analysis_seed)
     comparison.analysis, comparison.analysis_skipped = analysed.results, analysed.skipped
     return comparison
+
+
+def chance_accuracy(episode: Episode) -> float | None:
+    """The accuracy of always guessing the most frequent query label of ``episode`` (None for regression)."""
+    if episode.kind == "regression":
+        return None
+    labels = episode.y_query.reshape(-1).long().cpu()
+    return torch.bincount(labels).max().item() / labels.numel()
 
 
 def check_claim(comparison: Comparison, spec: ClaimSpec | Mapping) -> Claim:
@@ -400,23 +418,19 @@ def format_csv(comparison: Comparison) -> dict[str, str]:
 
 
 def plot(comparison: Comparison, title: str = "") -> Figure:
-    """Metric vs support size, one line per learner with its bootstrap band."""
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.add_subplot()
+    """Metric vs support size in the house style (:mod:`metaopt.plotting`): one line per learner with its 95%
+    bootstrap band, chance for accuracy, k = d for regression."""
+    fig, (ax,) = plotting.new_figure()
     ks = comparison.support_sizes
-    for name, curve in comparison.curves.items():
-        style = "-" if curve.implicit else "--"
-        (line,) = ax.plot(ks, curve.mean, style, marker="o", markersize=3, label=name)
-        ax.fill_between(ks, curve.low, curve.high, color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("in-context / support examples k")
-    ax.set_ylabel(comparison.metric.replace("_", " "))
-    if comparison.metric == "normalized_error":
-        top = max(max(c.mean) for c in comparison.curves.values())
-        ax.set_ylim(0, min(1.25, top * 1.05) if top > 0 else 1)
-    ax.grid(alpha=0.3)
-    ax.legend(frameon=False)
-    ax.set_title(title or f"{comparison.metric.replace('_', ' ')} vs k")
-    return fig
+    series = [plotting.Series(name, ks, curve.mean, curve.low, curve.high, curve.implicit)
+              for name, curve in comparison.curves.items()]
+    plotting.plot_vs_k(ax, series, comparison.metric, chance=comparison.chance, dimension=comparison.dimension)
+    metric = comparison.metric.replace("_", " ")
+    note = plotting.learner_note(series)
+    subtitle = (f"{metric}: mean over {comparison.num_tasks} held-out tasks, {plotting.band_word(series)}: 95% "
+                "bootstrap interval"
+                + (f" · {note}" if note else ""))
+    return plotting.finish(fig, f"{title}: {metric} vs k" if title else f"{metric} vs k", subtitle)
 
 
 def plot_similarity(comparison: Comparison, title: str = "") -> Figure | None:

@@ -8,7 +8,8 @@ Each folder given is one of
   that has ``compare/<timestamp>/`` folders): every one found one level down.
 
 The report is one table per metric (markdown and CSV: ``run, learner, metric, k, mean, lower, upper, n``) and one
-plot per metric, learners labelled by run, each run named by the config keys in which the runs differ.
+plot per metric (a panel per run, the same y range and learner colours in each), each run named by the config
+keys in which the runs differ.
 """
 
 from __future__ import annotations
@@ -16,16 +17,20 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
+from metaopt import plotting
 from metaopt.config import ConfigError
 from metaopt.log import CONFIG_FILE
 from metaopt.sweep import PLAN_FILE, RESULTS_FILE, SEED_KEY, SweepPlan
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["Entry", "Report", "collect", "differing_keys", "make_report"]
 
@@ -91,7 +96,8 @@ def _sweep_entries(folder: Path) -> list[Entry]:
     for group in groups_of(plan):
         config = {**_config(first[group.name]), SEED_KEY: ",".join(group.seeds)}  # the seeds averaged over
         results = {"metric": group.metric, "lower_is_better": group.lower_is_better,
-                   "support_sizes": group.support_sizes, "curves": group.learners}
+                   "support_sizes": group.support_sizes, "curves": group.learners, "chance": group.chance,
+                   "dimension": group.dimension}
         entries.append(Entry(folder / group.name, config, results, f"{len(group.seeds)} seeds"))
     if not entries:
         raise ConfigError(f"sweep {folder} has no finished point yet; run `metaopt sweep` again to continue it")
@@ -159,27 +165,29 @@ def _markdown(entries: Sequence[Entry], metric: str) -> str:
 
 
 def _plot(entries: Sequence[Entry], metric: str) -> Figure:
-    fig = Figure(figsize=(8, 5))
-    ax = fig.add_subplot()
-    styles = ["-", "--", ":", "-."]
+    """``metric`` vs k, a panel per entry (up to three a row), each learner in the same colour in every panel."""
     chosen = [e for e in entries if e.results["metric"] == metric]
-    learners = dict.fromkeys(name for e in chosen for name in e.results["curves"])
-    colours = {name: f"C{i % 10}" for i, name in enumerate(learners)}
-    for index, e in enumerate(chosen):  # a colour per learner, a line style per run
+    columns = min(3, len(chosen))
+    fig, axes = plotting.new_figure(columns, math.ceil(len(chosen) / columns), panel=(5.4, 4.0))
+    order = list(dict.fromkeys(name for e in chosen for name in e.results["curves"]))
+    every = []
+    for ax, e in zip(axes, chosen):
         ks = e.results["support_sizes"]
-        for learner, curve in e.results["curves"].items():
-            ax.plot(ks, curve["mean"], styles[index % len(styles)], color=colours[learner], marker="o", markersize=3,
-                    label=f"{learner} ({e.label})")
-            ax.fill_between(ks, curve["low"], curve["high"], color=colours[learner], alpha=0.12)
-    ax.set_xlabel("in-context / support examples k")
-    ax.set_ylabel(metric.replace("_", " "))
-    if metric == "normalized_error":
-        top = max(max(c["mean"]) for e in chosen for c in e.results["curves"].values())
-        ax.set_ylim(0, min(1.25, top * 1.05) if top > 0 else 1)
-    ax.grid(alpha=0.3)
-    ax.legend(frameon=False, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    ax.set_title(f"{metric.replace('_', ' ')} vs k")
-    return fig
+        series = [plotting.Series(name, ks, c["mean"], c["low"], c["high"], c["implicit"])
+                  for name, c in e.results["curves"].items()]
+        plotting.plot_vs_k(ax, series, metric, chance=e.results.get("chance"), dimension=e.results.get("dimension"),
+                           styles=[order.index(name) for name in e.results["curves"]])
+        ax.set_title(f"{e.label} ({e.n})")
+        every += series
+    plotting.same_y_range(axes[:len(chosen)])
+    for ax in axes[len(chosen):]:
+        ax.set_visible(False)
+    note = plotting.learner_note(every)
+    name = metric.replace("_", " ")
+    subtitle = (f"{name}: mean per run (over its tasks, or over seeds for a sweep group), "
+                f"{plotting.band_word(every)}: 95% interval"
+                + (f" · {note}" if note else ""))
+    return plotting.finish(fig, f"report: {name} vs k", subtitle)
 
 
 def make_report(folders: Sequence[str | Path], out: str | Path | None = None) -> Report:
@@ -205,7 +213,7 @@ def make_report(folders: Sequence[str | Path], out: str | Path | None = None) ->
             writer.writerows(_rows(entries, metric))
             parts += ["", _markdown(entries, metric)]
             report.files[metric] = out / f"{metric}_vs_k.png"
-            _plot(entries, metric).savefig(report.files[metric], dpi=120, bbox_inches="tight")
+            plotting.save(_plot(entries, metric), report.files[metric])
     report.markdown = "\n".join(parts) + "\n"
     (out / "report.md").write_text(report.markdown)
     report.files = {"markdown": out / "report.md", "csv": out / "report.csv", **report.files}

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
-from matplotlib.figure import Figure
 
+from metaopt import plotting
 from metaopt.analysis.best_gd import best_gd
 from metaopt.analysis.finetuning import icl_vs_finetuning
 from metaopt.analysis.interpolation import align_scales, gd_construction, interpolation_losses
@@ -40,6 +40,9 @@ from metaopt.episodes import Episode
 from metaopt.kinds import REGRESSION
 from metaopt.learners.base import Learner
 from metaopt.learners.capabilities import Capability, missing
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 Learners = Mapping[str, Learner]
@@ -313,25 +316,26 @@ def _dual_form_lines(report: Mapping[str, Any]) -> list[str]:
 
 
 def plot_analysis(analysis: Mapping[str, Mapping[str, dict]], title: str = "") -> Figure | None:
-    """Sensitivity cosine, SPD and best GD lr vs k (one line per pair or learner); None if none was run."""
+    """Sensitivity cosine, SPD and best GD lr vs k (one line per pair or learner, the same style in every
+    panel); None if none was run."""
     panels = [
-        ("sensitivity", "cosine", "sensitivity cosine", "linear"),
-        ("spd_ilwd", "spd", "SPD", "symlog"),
-        ("best_gd", "lr_per_k", "best GD lr", "log"),
+        ("sensitivity", "cosine", "sensitivity cosine", "1: the same input sensitivity", "linear"),
+        ("spd_ilwd", "spd", "SPD", "0: the same predictions", "auto"),
+        ("best_gd", "lr_per_k", "best-matching GD learning rate", "per k", "auto"),
     ]
     panels = [p for p in panels if analysis.get(p[0])]
     if not panels:
         return None
-    fig = Figure(figsize=(4.5 * len(panels), 4))
-    for i, (name, key, label, scale) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
-        for entry, result in analysis[name].items():
-            ax.plot(result["support_sizes"], result[key], marker="o", markersize=3, label=entry)
-        ax.set_yscale(scale, **({"linthresh": 1e-6} if scale == "symlog" else {}))
-        ax.set_xlabel("in-context / support examples k")
+    order = list(dict.fromkeys(entry for name, *_ in panels for entry in analysis[name]))
+    fig, axes = plotting.new_figure(len(panels), panel=(5.2, 4.0))
+    for ax, (name, key, label, meaning, scale) in zip(axes, panels):
+        series = [plotting.Series(entry, result["support_sizes"], result[key])
+                  for entry, result in analysis[name].items()]
+        plotting.plot_series(ax, series, yscale=scale, integer_x=True,
+                             styles=[order.index(entry) for entry in analysis[name]])
+        ax.set_xlabel(plotting.K_LABEL)
         ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(frameon=False, fontsize="small")
-    fig.suptitle(title or "implicit vs explicit")
-    fig.tight_layout()
-    return fig
+        ax.set_title(f"{label} ({meaning})")
+    subtitle = ("in-context learners against explicit ones on the same held-out tasks: mean over those tasks "
+                "(no interval) · one line per (in-context vs explicit) pair, or per in-context learner")
+    return plotting.finish(fig, f"{title}: implicit vs explicit" if title else "implicit vs explicit", subtitle)

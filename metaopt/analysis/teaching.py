@@ -36,7 +36,9 @@ def compare_teaching(learners: dict[str, Learner], family: BooleanFamily, run: R
                                seed=seeds.comparison, device=device, claims=list(claims), progress=False)
     name = f"teaching_{taught.teaching_prob:g}"
     run.save_json(result.to_dict(), name)
-    run.save_figure(comparing.plot(result, title=f"teaching={teaching}"), f"{result.metric}_vs_k_{name}")
+    recipe = run.config.get("name", "")
+    title = f"{recipe}, teaching sequences p = {taught.teaching_prob:g}".removeprefix(", ")
+    run.save_figure(comparing.plot(result, title=title), f"{result.metric}_vs_k_{name}")
     table = comparing.format_table(result)
     logger.info("comparison with teaching=%s:\n%s", teaching, table)
     run.summary({f"{name}/{learner}/{result.metric}@k={support_sizes[-1]}": curve.mean[-1]

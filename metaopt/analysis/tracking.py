@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
-from matplotlib.figure import Figure
 
+from metaopt import plotting
 from metaopt.analysis.sensitivity import sensitivity_similarity
 from metaopt.learners.base import Learner
 from metaopt.learners.capabilities import Capability, provides
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PREFIX = "sensitivity_cosine/"
 
@@ -27,7 +30,11 @@ def sensitivity_references(learner: Learner, learners: Mapping[str, Learner]) ->
             if not other.implicit and not other.is_trainable and provides(other, Capability.QUERY_GRADIENTS)}
 
 
-def sensitivity_tracker(references: Mapping[str, Learner], num_tasks: int = 64):
+TRACKED_TASKS = 64
+"""How many validation tasks :func:`sensitivity_tracker` compares on by default."""
+
+
+def sensitivity_tracker(references: Mapping[str, Learner], num_tasks: int = TRACKED_TASKS):
     """A ``MetaTrainer`` validation hook: sensitivity cosine (von Oswald et al.) to each reference learner.
 
     At every validation it compares the learner being trained with each (explicit) reference on the
@@ -56,14 +63,15 @@ def plot_tracked(history: list[dict], title: str = "") -> Figure | None:
     rows = [row for row in history if any(key.startswith(PREFIX) for key in row)]
     if not rows:
         return None
-    fig = Figure(figsize=(6.5, 4))
-    ax = fig.add_subplot()
+    series = []
     for key in sorted({k for row in rows for k in row if k.startswith(PREFIX)}):
         points = [(row["step"], row[key]) for row in rows if key in row]
-        ax.plot(*zip(*points), marker="o", markersize=3, label=key.removeprefix(PREFIX))
+        series.append(plotting.Series(key.removeprefix(PREFIX), [p[0] for p in points], [p[1] for p in points]))
+    fig, (ax,) = plotting.new_figure()
+    plotting.plot_series(ax, series, integer_x=True)
     ax.set_xlabel("meta-training step")
-    ax.set_ylabel("sensitivity cosine")
-    ax.grid(alpha=0.3)
-    ax.legend(frameon=False)
-    ax.set_title(title or "sensitivity cosine vs training step")
-    return fig
+    ax.set_ylabel("sensitivity cosine (1: same algorithm)")
+    subtitle = (f"against each explicit learner, at every validation on up to {TRACKED_TASKS} validation tasks "
+                "(mean, no interval)")
+    name = f"{title}: " if title else ""
+    return plotting.finish(fig, f"{name}sensitivity cosine vs meta-training step", subtitle)

@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import optimizers as O
-from metaopt import checkpoints, distributed, wandb_native
+from metaopt import checkpoints, distributed, plotting, wandb_native
 from metaopt.checks import positive_float, positive_int, sequence_of
 from metaopt.config import (
     CommonSettings, ConfigError, build_instance, check_spec, import_target, instantiate, plain, settings,
@@ -378,43 +378,57 @@ def _build_learned(name: str, spec: dict[str, Any], environment: Environment,
     return module
 
 
+def _layer_labels(environment: Environment, layers: Sequence[str]) -> list[str]:
+    """Each mixture layer named as the model names it, with its shape: ``"0 (matrix 64→32)"``, the last ``head``."""
+    params = environment.init(lambda _: O.sgd(0.0), None, generator(0)).params
+    groups = O.layer_groups(params)
+    kinds = O.layer_kinds(params, groups)
+    labels = []
+    for i, layer in enumerate(layers):
+        shapes = sorted((tuple(params[k].shape) for k in groups.get(layer, [])), key=len, reverse=True)
+        kind = kinds.get(layer, "")
+        shape = f" {shapes[0][1]}→{shapes[0][0]}" if shapes and len(shapes[0]) >= 2 else ""
+        role = ", head" if i == len(layers) - 1 and len(layers) > 1 else ""
+        labels.append(f"{layer or '(top level)'} ({kind}{shape}{role})")
+    return labels
+
+
 def _plot_curves(curves: dict[str, dict[str, torch.Tensor]], targets: dict[str, float], horizon: int,
-                 reference: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.8), squeeze=False)
-    for ax, (env_name, by_optimizer) in zip(axes[0], curves.items()):
-        for name, curve in by_optimizer.items():
-            ax.plot(curve.numpy(), label=name, lw=2 if name == "layerwise_mixture" else 1)
-        ax.axvline(horizon, color="grey", ls=":", lw=1)
-        ax.axhline(targets[env_name], color="black", ls="--", lw=0.8, label=f"tuned {reference} at T")
-        ax.set(title=env_name, xlabel="step", ylabel="training loss", yscale="log")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+                 reference: str, learned: Sequence[str], seeds: int, title: str):
+    """Training loss vs step per environment: learned optimizers solid, tuned baselines dashed."""
+    fig, axes = plotting.new_figure(len(curves), panel=(5.2, 4.0))
+    for ax, (env_name, by_optimizer) in zip(axes, curves.items()):
+        series = [plotting.Series(name, list(range(len(curve))), curve.tolist(), implicit=name in learned)
+                  for name, curve in by_optimizer.items()]
+        plotting.plot_series(ax, series, yscale="auto", integer_x=True, include=[targets[env_name]])
+        plotting.reference_line(ax, x=horizon, label=f"horizon T = {horizon} (meta-training unroll)")
+        plotting.reference_line(ax, y=targets[env_name], label=f"tuned {reference}'s loss at T", style="--")
+        ax.set(title=env_name, xlabel="step", ylabel="training loss")
+    subtitle = (f"training loss, mean over {seeds} evaluation seed{'s' if seeds != 1 else ''} (no interval) · "
+                "solid: learned optimizers, dashed: grid-tuned baselines")
+    return plotting.finish(fig, f"{title}: training loss per environment", subtitle)
 
 
-def _plot_coefficients(alphas: torch.Tensor, layers: list[str], directions: list[str], horizon: int):
-    """``alphas`` [steps, layers, directions]: one heat-map (layers × steps) per base direction."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(directions), 1, figsize=(8, 1.1 + 0.9 * len(directions) * max(1, len(layers) / 3)),
-                             squeeze=False, sharex=True)
-    for b, (ax, direction) in enumerate(zip(axes[:, 0], directions)):
-        image = ax.imshow(alphas[:, :, b].T.numpy(), aspect="auto", cmap="coolwarm", interpolation="nearest")
-        ax.axvline(horizon - 0.5, color="black", ls=":", lw=1)
-        ax.set(yticks=range(len(layers)), yticklabels=layers, ylabel=direction)
-        fig.colorbar(image, ax=ax, pad=0.01)
-    axes[-1, 0].set_xlabel("step")
-    fig.suptitle("LayerwiseMixture coefficients α per layer and step")
-    fig.tight_layout()
-    return fig
+def _plot_coefficients(alphas: torch.Tensor, layers: list[str], directions: list[str], horizon: int, title: str):
+    """``alphas`` [steps, layers, directions]: one heat map (layers × steps) per base direction, one colour range
+    centred at 0 for all of them."""
+    steps, height = alphas.shape[0], 0.7 + 0.42 * len(layers)
+    fig, axes = plotting.new_figure(1, len(directions), panel=(max(7.0, min(12.0, 0.12 * steps + 4)), height),
+                                    sharex=True)
+    norm = plotting.symmetric_norm(alphas.flatten().tolist())
+    image = None
+    for b, (ax, direction) in enumerate(zip(axes, directions)):
+        values = alphas[:, :, b].T
+        image = plotting.heatmap(ax, values.numpy(), cmap="RdBu_r", norm=norm, ylabels=layers)
+        ax.axvline(horizon - 0.5, color="black", ls=":", lw=1.2)
+        ax.set_ylabel("layer")
+        ax.set_title(f"{direction}: α from {values.min().item():.3g} to {values.max().item():.3g}", loc="left")
+        plotting.integer_ticks(ax)
+    axes[-1].set_xlabel(f"step (dotted: the meta-training horizon T = {horizon})")
+    plotting.colorbar(fig, image, axes, "coefficient α (0: direction unused)")
+    subtitle = ("the coefficient α of each base direction per layer and step, on the first environment's first "
+                "evaluation seed · one colour range for every direction, centred at 0")
+    return plotting.finish(fig, f"{title}: LayerwiseMixture coefficients", subtitle, legend="none")
 
 
 # ---------------------------------------------------------------------- the pipeline
@@ -505,10 +519,10 @@ def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False, 
             first.curve(module.optimizer, None, long, generator(eval_seeds[0]),
                         on_step=lambda s: alphas.append(s.opt_state.coefficients))
             figure_name = "coefficients" if len(learned) == 1 or name == "layerwise_mixture" else f"coefficients_{name}"
-            run.save_figure(_plot_coefficients(torch.stack(alphas).float(), module.layer_names,
-                                               module.direction_names, horizon), figure_name)
+            run.save_figure(_plot_coefficients(torch.stack(alphas).float(), _layer_labels(first, module.layer_names),
+                                               module.direction_names, horizon, name), figure_name)
     run.save_figure(_plot_curves(curves, {k: float(v[reference][horizon]) for k, v in curves.items()}, horizon,
-                                 reference), "loss_curves")
+                                 reference, list(learned), ev.seeds, experiment.config.name), "loss_curves")
     results = {
         "horizon": horizon,
         "reference": reference,

@@ -36,14 +36,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
-from matplotlib.figure import Figure
 from torch import Tensor
 
 from hypernets.cnn import FunctionalCNN, Params
 from hypernets.hypertransformer import WeightGenerator
+from metaopt import plotting
 from metaopt.checks import one_of, positive_int
 from metaopt.episodes import Episode
 from metaopt.learners.base import Example, Learner
@@ -52,6 +52,9 @@ from metaopt.log import Run
 from metaopt.seeds import SeedPlan
 from metaopt.tasks.images.few_shot import FewShotImages
 from metaopt.tasks.images.glyphs import Glyphs
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -263,32 +266,38 @@ def evaluate_continual(learner: Learner, family, *, ways: int, scenario: str, sh
     return ContinualResult(matrix.shape[0], count, rows, average, backward)
 
 
-def plot_result(result: ContinualResult, title: str = "") -> Figure:
-    """The accuracy matrix as a heat map, and forgetting curves (accuracy on task τ after each step t)."""
+def chance(ways: int, scenario: str, num_tasks: int) -> list[float]:
+    """The accuracy of guessing after each of ``num_tasks`` steps: 1/ways, or 1/(t·ways) class-incrementally."""
+    one_of("scenario", scenario, SCENARIOS, owner="chance")
+    if scenario == "class_incremental":
+        return [1 / (ways * t) for t in range(1, num_tasks + 1)]
+    return [1 / ways] * num_tasks
+
+
+def plot_result(result: ContinualResult, title: str = "", chance: Sequence[float] | None = None) -> Figure:
+    """The accuracy matrix as a heat map, and forgetting curves (accuracy on task τ after each step t), with the
+    accuracy of guessing after each step (``chance``, see :func:`chance`) where given."""
     matrix = torch.tensor([[math.nan if v is None else v for v in row] for row in result.accuracy])
-    fig = Figure(figsize=(10, 4))
-    heat, curves = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    image = heat.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="viridis")
-    for t in range(matrix.shape[0]):
-        for tau in range(matrix.shape[1]):
-            if not math.isnan(matrix[t, tau].item()):
-                heat.text(tau, t, f"{matrix[t, tau].item():.2f}", ha="center", va="center", color="white", fontsize=8)
+    fig, (heat, curves) = plotting.new_figure(2, panel=(5.4, 4.2))
+    labels = [str(i + 1) for i in range(matrix.shape[0])]  # tasks count from 1, as on the curves
+    image = plotting.heatmap(heat, matrix.numpy(), vmin=0.0, vmax=1.0, xlabels=labels, ylabels=labels, annotate=True)
     heat.set_xlabel("task τ")
     heat.set_ylabel("after learning task t")
-    heat.set_xticks(range(matrix.shape[1]), [str(tau + 1) for tau in range(matrix.shape[1])])  # tasks count from 1,
-    heat.set_yticks(range(matrix.shape[0]), [str(t + 1) for t in range(matrix.shape[0])])  # as on the curves
-    fig.colorbar(image, ax=heat)
-    steps = range(1, matrix.shape[0] + 1)
-    for tau in range(matrix.shape[1]):
-        curves.plot(steps, matrix[:, tau].numpy(), marker="o", label=f"task {tau + 1}")
-    curves.set_xticks(list(steps))
+    heat.set_title("accuracy on task τ after task t")
+    plotting.colorbar(fig, image, heat, "accuracy")
+    steps = list(range(1, matrix.shape[0] + 1))
+    series = [plotting.Series(f"task {tau + 1}", steps[tau:], matrix[tau:, tau].tolist())
+              for tau in range(matrix.shape[1])]
+    plotting.plot_series(curves, series, integer_x=True, include=[0.0, 1.0] + list(chance or []))
+    if chance is not None:
+        plotting.chance_line(curves, chance, None if len(set(chance)) == 1 else "chance (1/(t·ways))", x=steps)
     curves.set_xlabel("tasks learned t")
     curves.set_ylabel("accuracy")
-    curves.legend(frameon=False, fontsize=8)
-    curves.grid(alpha=0.3)
-    bwt = math.nan if result.backward_transfer is None else result.backward_transfer
-    fig.suptitle(title or f"{result.num_tasks} tasks: average {result.average_accuracy:.3f}, BWT {bwt:.3f}")
-    return fig
+    curves.set_title("forgetting: each task's accuracy over time")
+    bwt = "n/a" if result.backward_transfer is None else f"{result.backward_transfer:+.3f}"
+    subtitle = (f"mean over {result.num_sequences} held-out sequences of {result.num_tasks} tasks (no interval) · "
+                f"average accuracy {result.average_accuracy:.3f}, backward transfer {bwt}")
+    return plotting.finish(fig, title or f"continual learning over {result.num_tasks} tasks", subtitle)
 
 
 # ---------------------------------------------------------------------- entry point
@@ -332,7 +341,8 @@ def evaluate_sequences(
                 logger.info("%s: no accuracy matrix (%s)", name, error)
                 break
             results.setdefault(name, {})[str(n)] = asdict(result)
-            run.save_figure(plot_result(result, f"{name}, {n} tasks ({model.scenario})"), f"continual_{name}_{n}")
+            run.save_figure(plot_result(result, f"{name}, {n} tasks ({model.scenario})",
+                                        chance=chance(model.ways, model.scenario, n)), f"continual_{name}_{n}")
             bwt = "n/a" if result.backward_transfer is None else f"{result.backward_transfer:+.3f}"
             logger.info("%-24s tasks=%d%-15s average accuracy %.3f  backward transfer %s", name, n,
                         " (extrapolated)" if n > trained else "", result.average_accuracy, bwt)

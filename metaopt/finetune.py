@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaopt import checkpoints
+from metaopt import checkpoints, plotting
 from metaopt.checks import one_of, positive_float, positive_int
 from metaopt.learners.vit import MemoryViT, TaskTokens, ViT, parameter_count
 from metaopt.log import Run
@@ -272,7 +272,7 @@ def memory_token_study(run: Run, seeds: SeedPlan, *, vit: Mapping[str, Any], pre
                                                   steps=steps, batch_size=batch_size, seed=seed)
     claims = _claims(results, list(datasets), close_to_full)
     results["claims"] = [asdict(c) for c in claims]
-    _report(run, results, list(datasets), claims)
+    _report(run, results, list(datasets), claims, [1 / data.num_classes for data in datasets.values()])
     return results
 
 
@@ -326,8 +326,10 @@ def _claims(results: Mapping[str, Any], names: Sequence[str], close_to_full: flo
     return claims
 
 
-def _report(run: Run, results: Mapping[str, Any], names: Sequence[str], claims: Sequence[Claim]) -> None:
-    """Log the table and the claims, write ``memory_tokens.json``, the W&B table and a bar chart."""
+def _report(run: Run, results: Mapping[str, Any], names: Sequence[str], claims: Sequence[Claim],
+            chance: Sequence[float]) -> None:
+    """Log the table and the claims, write ``memory_tokens.json``, the W&B table and a bar chart (``chance``: each
+    dataset's accuracy of guessing)."""
     rows = [[name, mode, results[name][mode]["test_accuracy"], results[name][mode]["trainable_parameters"],
              results[name][mode]["lr"]] for name in names for mode in MODES]
     for row in rows:
@@ -339,27 +341,20 @@ def _report(run: Run, results: Mapping[str, Any], names: Sequence[str], claims: 
                  for name in names for mode in MODES})
     run.log_table("memory_tokens/fine_tuning", ["dataset", "mode", "test_accuracy", "trainable_parameters", "lr"],
                   rows)
-    run.save_figure(_figure(results, names), "memory_tokens_fine_tuning")
+    run.save_figure(_figure(results, names, chance), "memory_tokens_fine_tuning")
 
 
-def _figure(results: Mapping[str, Any], names: Sequence[str]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, ax = plt.subplots(figsize=(6, 3.5))
-    width = 0.8 / len(MODES)
-    for i, mode in enumerate(MODES):
-        values = [results[name][mode]["test_accuracy"] for name in names]
-        params = results[names[0]][mode]["trainable_parameters"]
-        ax.bar([j + i * width for j in range(len(names))], values, width, label=f"{mode} ({params} params)")
-    ax.set_xticks([j + width for j in range(len(names))], names)
+def _figure(results: Mapping[str, Any], names: Sequence[str], chance: Sequence[float]):
+    """Test accuracy per target dataset and fine-tuning mode, as grouped bars with each dataset's chance."""
+    fig, (ax,) = plotting.new_figure()
+    plotting.bars(ax, names, {f"{mode} ({results[names[0]][mode]['trainable_parameters']} params)":
+                              [results[name][mode]["test_accuracy"] for name in names] for mode in MODES},
+                  chance=chance)
+    ax.set_xlabel("target dataset")
     ax.set_ylabel("test accuracy")
-    ax.set_title("fine-tuning a pretrained ViT: same budget, tuned learning rates")
-    ax.legend(fontsize=8)
-    figure.tight_layout()
-    return figure
+    subtitle = ("test accuracy after fine-tuning with the learning rate best on validation, the same step budget "
+                "for every mode (one run each, no interval)")
+    return plotting.finish(fig, "fine-tuning a pretrained ViT: head, memory tokens, all weights", subtitle)
 
 
 __all__ = ["MODES", "TARGETS", "PRETRAIN_SEED_INDEX", "Split", "Claim", "target_dataset", "canonical_vit",

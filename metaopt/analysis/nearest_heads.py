@@ -19,9 +19,9 @@ import math
 from typing import Any, Mapping, Sequence
 
 import torch
-from matplotlib.figure import Figure
 from torch import Tensor
 
+from metaopt import plotting
 from metaopt.checks import positive_float, positive_int
 from metaopt.learners.attention import SoftmaxAttention
 from metaopt.learners.base import Learner
@@ -105,6 +105,27 @@ def _check_claims(claims: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return checked
 
 
+def _figure(panels: list[tuple[str, list[str], Tensor]], num_tasks: int, support: int):
+    """One heat map per learner (layers × heads) of mass / chance, one colour range centred at chance (1)."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    top = max(2.0, max(ratios.max().item() for _, _, ratios in panels))
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=top)
+    figure, axes = plotting.new_figure(len(panels), panel=(max(3.5, 1.2 + 0.7 * max(r.shape[1] for *_, r in panels)),
+                                                           1.4 + 0.55 * max(len(m) for _, m, _ in panels)))
+    for ax, (name, modules, ratios) in zip(axes, panels):
+        image = plotting.heatmap(ax, ratios.numpy(), cmap="RdBu_r", norm=norm, ylabels=modules,
+                                 xlabels=[str(h) for h in range(ratios.shape[1])], annotate=ratios.numel() <= 64,
+                                 fmt="{:.1f}")
+        ax.set_title(name)
+        ax.set_xlabel("head")
+        ax.set_ylabel("attention layer")
+    plotting.colorbar(figure, image, axes, "mass on the nearest earlier example / chance")
+    subtitle = (f"mean over {num_tasks} tasks of {support} examples, at every input after the first · 1 (white): "
+                "what uniform attention puts there; red: more")
+    return plotting.finish(figure, "attention heads on the nearest earlier example", subtitle, legend="none")
+
+
 def nearest_example_heads(learners: dict[str, Learner], family: TaskFamily, run: Run, seeds: SeedPlan,
                           device: str = "cpu", num_tasks: int = 256, support: int = 16,
                           claims: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
@@ -137,17 +158,7 @@ def nearest_example_heads(learners: dict[str, Learner], family: TaskFamily, run:
         results[name] = {"heads": heads, "best": best, "best_ratio": heads[best]["ratio"]}
         panels.append((name, list(maps), torch.stack(rows)))
     if panels:
-        figure = Figure(figsize=(4 * len(panels), 3))
-        axes = figure.subplots(1, len(panels), squeeze=False)
-        for ax, (name, modules, ratios) in zip(axes[0], panels):
-            image = ax.imshow(ratios.numpy(), cmap="viridis", vmin=0)
-            ax.set_title(f"{name}: nearest-example mass / chance")
-            ax.set_xlabel("head")
-            ax.set_ylabel("layer")
-            ax.set_yticks(range(len(modules)))
-            ax.set_xticks(range(ratios.shape[1]))
-            figure.colorbar(image, ax=ax)
-        figure.tight_layout()
+        figure = _figure(panels, num_tasks, support)
         results["figure"] = str(run.save_figure(figure, "nearest_example_heads"))
     run.summary({f"nearest_heads/{name}/best_ratio": r["best_ratio"] for name, r in results.items() if name != "figure"})
     if claims:

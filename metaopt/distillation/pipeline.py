@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from metaopt import plotting
 from metaopt.checks import non_negative_float, one_of, positive_int, probability, sequence_of
 from metaopt.config import CommonSettings, ConfigError, settings
 from metaopt.distillation.agents import SOURCES, AgentData, AgentModels, agent_data
@@ -225,7 +226,7 @@ def execute(experiment: DistillationExperiment, run: Run, *, resume: bool = Fals
     claims = _claims(runs, heterogeneity, study, heads)
     results = {"runs": runs, "heterogeneity": heterogeneity, "claims": [asdict(c) for c in claims],
                "table": _table(runs), "graphs": {k: v.int().tolist() for k, v in experiment.graphs.items()}}
-    return results, _report(run, results, claims, study)
+    return results, _report(run, results, claims, study, 1 / d.num_classes)
 
 
 def _table(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
@@ -259,8 +260,9 @@ def _claims(runs: dict[str, list[dict[str, Any]]], heterogeneity: dict[str, dict
     return claims
 
 
-def _report(run: Run, results: dict[str, Any], claims: list[Claim], study: StudySettings) -> str:
-    """Write results, figures and the W&B run; the printed report (table and claims)."""
+def _report(run: Run, results: dict[str, Any], claims: list[Claim], study: StudySettings, chance: float) -> str:
+    """Write results, figures and the W&B run; the printed report (table and claims). ``chance``: the accuracy of
+    guessing on the global test set."""
     for name, history in results["runs"].items():
         for row in history:
             run.log({"round": row["round"], f"{name}/global": _mean(row["global"]),
@@ -270,7 +272,7 @@ def _report(run: Run, results: dict[str, Any], claims: list[Claim], study: Study
     run.log_table("distillation/table", ["population", "global", "private", "area"],
                   [[name, row["global"], row["private"], row["area"]] for name, row in table.items()])
     path = run.save_json(results, "results")
-    figures = [run.save_figure(_curves(results["runs"], [*study.topologies, "isolated"]), "accuracy_vs_round"),
+    figures = [run.save_figure(_curves(results["runs"], [*study.topologies, "isolated"], chance), "accuracy_vs_round"),
                run.save_figure(_gains(results["heterogeneity"]), "aux_heads_vs_skew")]
     lines = [f"{'population':<12} {'global':>7} {'private':>8} {'mean over rounds':>17}"]
     lines += [f"{name:<12} {row['global']:7.3f} {row['private']:8.3f} {row['area']:17.3f}" for name, row in table.items()]
@@ -281,44 +283,46 @@ def _report(run: Run, results: dict[str, Any], claims: list[Claim], study: Study
     return report
 
 
-def _curves(runs: dict[str, list[dict[str, Any]]], names: list[str]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(2, len(names), figsize=(3 * len(names), 5.5), sharex=True, sharey=True,
-                                squeeze=False)
+def _curves(runs: dict[str, list[dict[str, Any]]], names: list[str], chance: float):
+    """Private and global test accuracy vs round: a column per population, every agent thin, their mean bold."""
+    agents = len(runs[names[0]][0]["global"])
+    fig, axes = plotting.new_figure(len(names), 2, panel=(min(3.8, 15.0 / len(names)), 3.0), sharex=True)
     for column, name in enumerate(names):
         history = runs[name]
         rounds = [row["round"] for row in history]
         for row_index, key in enumerate(("private", "global")):
-            ax = axes[row_index][column]
+            ax = axes[row_index * len(names) + column]
             for agent in range(len(history[0][key])):
-                ax.plot(rounds, [row[key][agent] for row in history], lw=0.8, alpha=0.6)
-            ax.plot(rounds, [_mean(row[key]) for row in history], color="black", lw=2, label="mean")
+                ax.plot(rounds, [row[key][agent] for row in history], color="#9a9a9a", lw=0.9, alpha=0.7,
+                        label="one agent" if agent == 0 else "_agent")
+            mean = plotting.Series("mean over agents", rounds, [_mean(row[key]) for row in history])
+            shown = [v for row in history for v in row[key]]  # every agent's line stays inside the range
             if key == "global":
-                ax.axhline(_final(runs["centralized"]), color="grey", ls="--", lw=1, label="centralized")
-            ax.set_title(f"{name}: {key}", fontsize=9)
-            ax.set_xlabel("communication round")
-    axes[0][0].set_ylabel("accuracy (one line per agent)")
-    axes[1][0].legend(fontsize=7)
-    figure.tight_layout()
-    return figure
+                shown += [chance, _final(runs["centralized"])]
+            plotting.plot_series(ax, [mean], styles=[6], integer_x=True, include=shown)
+            if key == "global":
+                plotting.reference_line(ax, y=_final(runs["centralized"]), label="centralized (final)", style="--")
+                plotting.chance_line(ax, chance)
+            ax.set_title(f"{name}: {key} test set")
+            if row_index == 1:
+                ax.set_xlabel("communication round")
+            ax.set_ylabel(f"{key} accuracy")
+    for row_index in range(2):
+        plotting.same_y_range(axes[row_index * len(names):(row_index + 1) * len(names)])
+    subtitle = (f"test accuracy of each of {agents} agents (grey) and their mean (black) after each round · "
+                "private: each agent's own classes, global: every class")
+    return plotting.finish(fig, "decentralized distillation: accuracy vs communication round", subtitle)
 
 
 def _gains(heterogeneity: dict[str, dict[str, float]]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, ax = plt.subplots(figsize=(4.5, 3.2))
-    skews = list(heterogeneity)
-    for key in [k for k in next(iter(heterogeneity.values())) if k in ("one_head", "isolated") or k.endswith("_heads")]:
-        ax.plot([float(s) for s in skews], [heterogeneity[s][key] for s in skews], marker="o", label=key)
+    """Mean global accuracy over rounds vs the data skew: one head, several auxiliary heads, isolated agents."""
+    fig, (ax,) = plotting.new_figure()
+    skews = [float(s) for s in heterogeneity]
+    keys = [k for k in next(iter(heterogeneity.values())) if k in ("one_head", "isolated") or k.endswith("_heads")]
+    series = [plotting.Series(key.replace("_", " "), skews, [row[key] for row in heterogeneity.values()])
+              for key in keys]
+    plotting.plot_series(ax, series)
     ax.set_xlabel("skew (share of an agent's data from its own classes)")
     ax.set_ylabel("mean global accuracy over rounds")
-    ax.legend(fontsize=8)
-    figure.tight_layout()
-    return figure
+    subtitle = "each population trained at each skew (no interval) · higher: more learned from the neighbours"
+    return plotting.finish(fig, "auxiliary heads vs data heterogeneity", subtitle)

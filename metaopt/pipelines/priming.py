@@ -31,6 +31,7 @@ import torch
 from omegaconf import DictConfig
 
 import optimizers as O
+from metaopt import plotting
 from metaopt.checks import integer, positive_float, positive_int, probability
 from metaopt.config import CommonSettings, ConfigError, settings
 from metaopt.dynamics import priming as P
@@ -367,52 +368,58 @@ def format_report(results: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------- figures
 def _plot_prior(rows: list[dict[str, Any]]):
-    plt = study.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for category in CATEGORIES:
+    """log10 S_prime against the keyword's log10 prior, one marker shape and colour per category, with the fit."""
+    fig, (ax,) = plotting.new_figure()
+    for i, category in enumerate(CATEGORIES):
         chosen = [r for r in rows if r["category"] == category]
-        ax.scatter([r["log10_prior"] for r in chosen], [r["plain"]["log10_s_prime"] for r in chosen], label=category,
-                   s=18)
+        style = plotting.series_style(i)
+        ax.scatter([r["log10_prior"] for r in chosen], [r["plain"]["log10_s_prime"] for r in chosen], s=42,
+                   label=f"{category} ({len(chosen)})", color=style["color"], marker=style["marker"],
+                   edgecolors="white", linewidths=0.6, zorder=3)
     x = [r["log10_prior"] for r in rows]
     y = [r["plain"]["log10_s_prime"] for r in rows]
+    subtitle = f"one point per injected fact ({len(rows)} facts)"
     if len(set(x)) > 1:
         fit = statistics.linear_regression(x, y)
         ends = [min(x), max(x)]
-        ax.plot(ends, [fit.intercept + fit.slope * e for e in ends], color="black", lw=1, ls="--", label="fit")
-    ax.set(xlabel="log10 P(keyword | context) before learning", ylabel="log10 S_prime",
-           title="priming vs the keyword's probability before learning")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+        ax.plot(ends, [fit.intercept + fit.slope * e for e in ends], color=plotting.REFERENCE_COLOUR, lw=1.6, ls="--",
+                label=f"least-squares fit (slope {fit.slope:.2f})")
+        subtitle += f" · Spearman ρ = {_spearman(x, y):.2f}"
+    ax.set(xlabel="log10 P(keyword | context) before learning", ylabel="log10 S_prime (priming)")
+    return plotting.finish(fig, "priming vs the keyword's probability before learning", subtitle)
 
 
 def _plot_mitigations(results: dict[str, Any]):
-    plt = study.pyplot()
+    """Median log10 S_mem and S_prime of the outlandish facts with each mitigation, as grouped bars."""
     names = list(results["mitigations"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    width = 0.38
-    for j, key in enumerate(("log10_s_mem", "log10_s_prime")):
-        ax.bar([i + (j - 0.5) * width for i in range(len(names))],
-               [results["mitigations"][n][key] for n in names], width, label=key.replace("log10_", "log10 "))
-    ax.set(xticks=range(len(names)), xticklabels=names, ylabel="median over outlandish facts",
-           title="memorisation and priming with each mitigation")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    fig, (ax,) = plotting.new_figure()
+    plotting.bars(ax, names, {key.replace("log10_", "log10 "): [results["mitigations"][n][key] for n in names]
+                              for key in ("log10_s_mem", "log10_s_prime")})
+    ax.axhline(0.0, color=plotting.REFERENCE_COLOUR, lw=0.8)
+    ax.set(xlabel="how the outlandish fact was learned", ylabel="median over outlandish facts")
+    subtitle = ("medians over the outlandish facts (no interval) · S_mem: memorisation of the keyword in its own "
+                "context, S_prime: priming of it elsewhere (log10 of after/before)")
+    return plotting.finish(fig, "memorisation and priming with each mitigation", subtitle)
 
 
 def _plot_retention(rows: list[dict[str, Any]], retention: RetentionSettings):
-    plt = study.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    colours = dict(zip(CATEGORIES, ("tab:blue", "tab:orange", "tab:green")))
+    """log10 S_mem of each followed fact over the steps of normal training after it was learned."""
+    from matplotlib.lines import Line2D
+
+    fig, (ax,) = plotting.new_figure()
     steps = list(range(0, retention.steps + 1, retention.every))
-    for row in rows:
-        if "retention" in row:
-            ax.plot(steps, row["retention"], color=colours[row["category"]], lw=1, alpha=0.8)
-    for category, colour in colours.items():
-        ax.plot([], [], color=colour, label=category)
-    ax.set(xlabel="steps of normal training after learning", ylabel="log10 S_mem",
-           title="how long each injected fact is remembered")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    handles, labels = [], []
+    for i, category in enumerate(CATEGORIES):
+        style = plotting.series_style(i)
+        followed = [row["retention"] for row in rows if row["category"] == category and "retention" in row]
+        for values in followed:
+            ax.plot(steps, values, color=style["color"], lw=1.4, alpha=0.85, marker=style["marker"], markersize=4,
+                    markevery=max(1, len(steps) // 8), label="_fact")
+        handles.append(Line2D([], [], color=style["color"], marker=style["marker"], lw=1.4))
+        labels.append(f"{category} ({len(followed)} facts)")
+    ax.axhline(0.0, color=plotting.REFERENCE_COLOUR, lw=0.8, ls=":", label="_before")
+    plotting.integer_ticks(ax, steps)
+    ax.set(xlabel="steps of normal training after learning", ylabel="log10 S_mem (0: forgotten)")
+    subtitle = (f"one line per followed fact (the first {retention.facts_per_category} of each category), "
+                f"measured every {retention.every} steps")
+    return plotting.finish(fig, "how long each injected fact is remembered", subtitle, handles=handles, labels=labels)

@@ -1,10 +1,11 @@
-"""What the study pipelines (``trajectories``, ``priming``) share: claims as rows, their report lines, pyplot."""
+"""What the study pipelines (``trajectories``, ``priming``) share: claims as rows and their report lines (their
+figures use :mod:`metaopt.plotting`)."""
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-__all__ = ["claim_lines", "claims", "pyplot"]
+__all__ = ["claim_lines", "claims"]
 
 
 def claims(rows: Sequence[tuple[str, float, str, bool]]) -> list[dict[str, Any]]:
@@ -18,12 +19,3 @@ def claim_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     return [f"- {c['text']}: {c['measured']:.4f} ({c['threshold']}) -> {'holds' if c['holds'] else 'DOES NOT HOLD'}"
             for c in records]
 
-
-def pyplot():
-    """matplotlib's pyplot on the non-interactive Agg backend (figures are written to the run folder)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

@@ -37,6 +37,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 import optimizers as O
+from metaopt import plotting
 from metaopt.analysis import trajectory as T
 from metaopt.checks import integer, positive_float, positive_int, probability, sequence_of
 from metaopt.config import CommonSettings, ConfigError, settings
@@ -341,7 +342,9 @@ def execute(experiment: TrajectoryExperiment, run: Run, *, resume: bool = False,
     results = _results(experiment, curves, results_branches, fit, one_step, isotropic)
     results["claims"] = _claims(results, experiment.claims)
     run.save_figure(_plot_batch_losses(steps_recorded, torch.stack(losses, dim=1), fit), "batch_losses")
-    run.save_figure(_plot_curves(curves, results_branches, s.branch_at), "test_curves")
+    y_test = data[3]
+    chance = torch.bincount(y_test).max().item() / y_test.numel()
+    run.save_figure(_plot_curves(curves, results_branches, s.branch_at, chance), "test_curves")
     run.save_figure(_plot_one_step(one_step), "one_large_step")
     run.save_json(results, "results")
     run.summary({f"final/{name}/test_loss": v["test_loss"] for name, v in results["final"].items()})
@@ -474,46 +477,52 @@ def format_report(results: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------- figures
 def _plot_batch_losses(steps: list[int], losses: Tensor, fit: T.QuadraticFit):
-    plt = study.pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    """Each fixed batch's loss along the SGD path (solid) and its quadratic fit (dashed, same colour)."""
+    fig, (ax,) = plotting.new_figure()
+    series = [plotting.Series(f"batch {b} (R² = {float(fit.r2[b]):.3f})", steps, losses[b].tolist())
+              for b in range(losses.shape[0])]
+    plotting.plot_series(ax, series, yscale="auto", integer_x=True,
+                         include=[v for b in range(losses.shape[0]) for v in fit.fitted[b].tolist()])
     for b in range(losses.shape[0]):
-        line, = ax.plot(steps, losses[b].numpy(), lw=0.8, alpha=0.7, label=f"batch {b} (R²={float(fit.r2[b]):.3f})")
-        ax.plot(steps, fit.fitted[b].numpy(), color=line.get_color(), lw=1.5, ls="--")
-    ax.set(xlabel="step", ylabel="fixed-batch loss", yscale="log",
-           title="fixed-batch losses along the SGD path (dashed: quadratic fit)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+        ax.plot(steps, fit.fitted[b].numpy(), color=plotting.series_style(b)["color"], lw=1.4, ls="--", label="_fit")
+    ax.set(xlabel="step", ylabel="fixed-batch loss")
+    subtitle = (f"the loss of {losses.shape[0]} fixed batches at the weights of each probed step · dashed: a "
+                "quadratic fit in the top principal directions of the path")
+    return plotting.finish(fig, "fixed-batch losses along the SGD path", subtitle)
 
 
-def _plot_curves(curves: dict, branches: dict, branch_at: int):
-    plt = study.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for column, label in ((1, "test loss"), (2, "test accuracy")):
-        ax = axes[column - 1]
-        for name, curve in curves.items():
-            ax.plot([c[0] for c in curve], [c[column] for c in curve], label=name, lw=2 if name == "last" else 1.2)
-        for name, branch in branches.items():
-            curve = branch["curve"]
-            ax.plot([c[0] for c in curve], [c[column] for c in curve], ls="--", lw=1, label=f"matched {name}")
-        ax.axvline(branch_at, color="grey", ls=":", lw=1)
+def _plot_curves(curves: dict, branches: dict, branch_at: int, chance: float):
+    """Test loss and accuracy vs step: each weight set (solid) and each matched-schedule branch (dashed); ``chance``
+    is the test split's majority-label share."""
+    fig, axes = plotting.new_figure(2, panel=(5.4, 4.0))
+    for column, (ax, label) in enumerate(zip(axes, ("test loss", "test accuracy")), start=1):
+        series = [plotting.Series(name, [c[0] for c in curve], [c[column] for c in curve], implicit=True)
+                  for name, curve in curves.items()]
+        series += [plotting.Series(f"matched schedule of {name}", [c[0] for c in b["curve"]],
+                                   [c[column] for c in b["curve"]], implicit=False) for name, b in branches.items()]
+        plotting.plot_series(ax, series, yscale="auto" if column == 1 else "linear", integer_x=True,
+                             include=[chance] if column == 2 else ())
+        plotting.reference_line(ax, x=branch_at, label=f"branch point (step {branch_at})")
+        if column == 2:
+            plotting.chance_line(ax, chance)
         ax.set(xlabel="step", ylabel=label)
-        if column == 1:
-            ax.set_yscale("log")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    subtitle = ("on the digits test split · solid: the weights of SGD and of its averages, dashed: a branch "
+                "trained on from the branch point with the schedule matched to that average")
+    return plotting.finish(fig, "test loss and accuracy along training", subtitle)
 
 
 def _plot_one_step(one_step: list[T.OneStep]):
-    plt = study.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    """Each fixed batch's loss after one step of each learning rate (solid), and before it (dotted)."""
+    fig, (ax,) = plotting.new_figure()
+    series = [plotting.Series(f"batch {b}", probe.lrs, [loss if math.isfinite(loss) else math.nan
+                                                        for loss in probe.losses]) for b, probe in enumerate(one_step)]
+    plotting.plot_series(ax, series, yscale="auto", include=[probe.before for probe in one_step])
     for b, probe in enumerate(one_step):
-        line, = ax.plot(probe.lrs, [loss if math.isfinite(loss) else float("nan") for loss in probe.losses],
-                        marker=".", label=f"batch {b}")
-        ax.axhline(probe.before, color=line.get_color(), ls=":", lw=0.8)
-    ax.set(xscale="log", yscale="log", xlabel="learning rate of the single step", ylabel="batch loss after it",
-           title="one large step on each fixed batch (dotted: before)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+        ax.axhline(probe.before, color=plotting.series_style(b)["color"], ls=":", lw=1.2, label="_before")
+    lrs = [lr for probe in one_step for lr in probe.lrs]
+    ax.set_xscale(plotting.choose_scale(lrs))
+    ax.set(xlabel="learning rate of the single step", ylabel="batch loss after it")
+    subtitle = "one gradient step from the branch point on each fixed batch · dotted: its loss before the step"
+    if any(not math.isfinite(loss) for probe in one_step for loss in probe.losses):
+        subtitle += " · missing points: the loss overflowed"
+    return plotting.finish(fig, "one large step on each fixed batch", subtitle)

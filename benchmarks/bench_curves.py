@@ -35,6 +35,7 @@ line per series: observed and expected exponents. ``--quick``: three small sizes
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -229,48 +230,32 @@ def _slope(value: float | None) -> str:
     return "?" if value is None else f"{value:.2f}"
 
 
-def _scale(values: Sequence[float]) -> str:
-    """Log where the values are positive and span more than a decade, linear otherwise."""
-    return "log" if min(values) > 0 and max(values) / min(values) > 10 else "linear"
-
-
 def plot(curves: dict, path: Path) -> Path:
-    """Every curve in one figure, a panel each; the panel's title gives each series' observed and expected
-    exponents, and a series keeps its colour and marker across panels."""
-    from matplotlib.figure import Figure
+    """Every curve in one figure (:mod:`metaopt.plotting`'s house style), a panel each; the panel's title gives
+    each series' observed and expected exponents, and a series keeps its colour and marker across panels."""
+    from metaopt import plotting
 
     names = list(dict.fromkeys(label for curve in curves.values() for label, s in curve["series"].items()
                                if "values" in s))
-    colours, markers = [f"C{i}" for i in range(10)], "os^Dv<>PX*"
-    fig = Figure(figsize=(14, 8.6), layout="constrained")
-    axes = fig.subplots(2, 3).ravel()
+    fig, axes = plotting.new_figure(3, math.ceil(len(curves) / 3), panel=(4.6, 3.6))
     for ax, (name, curve) in zip(axes, curves.items()):
         measured = {label: s for label, s in curve["series"].items() if "values" in s}
         sizes = curve["sizes"]
-        for label, s in measured.items():
-            index = names.index(label)
-            ax.plot(sizes, s["values"], label=label, color=colours[index % 10], marker=markers[index % 10])
-        ax.set_xscale(_scale(sizes))
-        ax.set_yscale(_scale([v for s in measured.values() for v in s["values"]]))
+        plotting.plot_series(ax, [plotting.Series(label, sizes, s["values"]) for label, s in measured.items()],
+                             yscale="auto", styles=[names.index(label) for label in measured])
+        ax.set_xscale(plotting.choose_scale(sizes))
         ax.set_xticks(sizes, [str(size) for size in sizes])
         ax.minorticks_off()
         ax.set_xlabel(curve["x"])
         ax.set_ylabel("seconds" if curve["unit"] == "s" else curve["unit"])
-        ax.grid(alpha=0.25)
         slopes = ", ".join(f"{label} {_slope(s['exponent'])} ({_slope(s['expected_exponent'])})"
                            for label, s in measured.items())
-        ax.set_title(f"{name.replace('_', ' ')}\n{slopes}", fontsize=8)
-    handles, labels = [], []
-    for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            if label not in labels:
-                handles.append(handle)
-                labels.append(label)
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5), frameon=False)
-    fig.suptitle("Cost curves: in each title, every series' fitted log-log exponent and, in brackets, the one "
-                 "expected\n(FLOPs for times, the estimator's memory model for MiB)", fontsize=10)
-    fig.savefig(path, dpi=120, facecolor="white")
-    return path
+        ax.set_title(f"{name.replace('_', ' ')}\n{textwrap.fill(slopes, 52)}", fontsize=9)
+    for ax in axes[len(curves):]:
+        ax.set_visible(False)
+    subtitle = ("in each panel's title, every series' fitted log-log exponent and, in brackets, the one expected "
+                "(FLOPs for times, the estimator's memory model for MiB) · one measurement per size")
+    return plotting.save(plotting.finish(fig, "cost curves", subtitle), path)
 
 
 def report(curves: dict) -> list[str]:

@@ -9,6 +9,7 @@ from PIL import Image
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("METAOPT_CHECK_FIGURES", "1")  # every figure a test writes is checked (metaopt.plotting)
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 computation, agents that share only public-set predictions, the batched agents, and the recipe end to end."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,9 +10,9 @@ import torch
 from metaopt.cli import main
 from metaopt.distillation import (
     AgentModels, DistillationSettings, agent_data, agent_losses, communication_graph, distillation_targets, hops,
-    public_predictions, source_heads, train_agents,
+    pipeline, public_predictions, source_heads, train_agents,
 )
-from metaopt.pipelines import load
+from metaopt.pipelines import build, load
 from metaopt.testing import shrunk
 
 
@@ -166,3 +167,22 @@ def test_recipe_runs_shrunk(tmp_path):
     assert {"isolated", "centralized", "complete", "ring", "regular", "star"} <= set(results["runs"])
     assert len(results["claims"]) == 4
     assert (run_dir / "figures" / "accuracy_vs_round.png").is_file()
+
+
+@pytest.mark.parametrize("study", [
+    [],  # the auxiliary-head graph is a topology, and the run's skew one of the study's: shared runs
+    ["study.topologies=[complete]"],
+    ["study.skews=[0.3,0.5]"],
+])
+def test_the_progress_counts_every_population_trained(study, monkeypatch):
+    trained = []
+
+    def population(experiment, data, graph, heads, seed, centralized=False):
+        trained.append((graph, heads, centralized))
+        return [{"round": 1, "global": [0.5], "private": [0.5]}]
+
+    monkeypatch.setattr(pipeline, "_population", population)
+    monkeypatch.setattr(pipeline, "_report", lambda *args: "")
+    experiment = build(load("decentralized_distillation", [*shrunk("decentralized_distillation"), *study]))
+    pipeline.execute(experiment, SimpleNamespace())
+    assert len(trained) == pipeline._trainings(experiment.study, experiment.data.skew)

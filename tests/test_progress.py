@@ -10,7 +10,7 @@ import yaml
 import metaopt
 from metaopt.pipelines import run
 from metaopt.progress import PACKAGES, Progress, console_by_default, format_duration, log_to_console
-from metaopt.testing import OPTIMIZER_TINY, TINY
+from metaopt.testing import OPTIMIZER_TINY, TINY, shrunk
 
 
 def test_durations_read_as_a_person_reads_them():
@@ -83,3 +83,24 @@ def test_the_optimizer_pipeline_shows_each_stage_and_its_run_folder(tmp_path, ca
     for stage in ("tune baselines: 5 runs in", "meta-train layerwise_mixture: 2 meta-steps in", "evaluate: "):
         assert any(message.startswith(stage) for message in messages), stage
     assert result.report.endswith(f"run:     {result.path}")
+
+
+@pytest.mark.parametrize("recipe, stages", [
+    ("training_trajectories", ("SGD run: 40 steps in", "matched-schedule branches: 80 steps in")),
+    ("knowledge_priming", ("pretrain the language model: 20 steps in", "learn each fact: 9 facts in")),
+    ("decentralized_distillation", ("train populations: 10 populations in",)),
+])
+def test_the_study_pipelines_show_each_stage_and_their_run_folder(recipe, stages, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="metaopt"):
+        result = run(recipe, [*shrunk(recipe), "progress=true", f"output_dir={tmp_path}"])
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages[0] == f"run folder: {result.path}"
+    for stage in stages:
+        assert any(message.startswith(stage) for message in messages), stage
+    assert result.report.endswith(f"run:     {result.path}")
+
+
+def test_a_study_pipeline_without_progress_shows_none(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="metaopt"):
+        run("knowledge_priming", [*shrunk("knowledge_priming"), f"output_dir={tmp_path}"])  # progress=false
+    assert not [record for record in caplog.records if record.name == "metaopt.progress"]

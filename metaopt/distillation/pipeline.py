@@ -25,13 +25,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from metaopt import plotting
+from metaopt import distributed, plotting
 from metaopt.checks import non_negative_float, one_of, positive_int, probability, sequence_of
 from metaopt.config import CommonSettings, ConfigError, settings
 from metaopt.distillation.agents import SOURCES, AgentData, AgentModels, agent_data
 from metaopt.distillation.graphs import GRAPHS, communication_graph
 from metaopt.distillation.method import DistillationSettings, train_agents
 from metaopt.log import Run
+from metaopt.progress import Progress
 from metaopt.seeds import SeedPlan, item_seed
 
 __all__ = ["DataSettings", "ModelSettings", "StudySettings", "DistillationRecipe", "DistillationExperiment",
@@ -205,28 +206,49 @@ def execute(experiment: DistillationExperiment, run: Run, *, resume: bool = Fals
         return agent_data(**(asdict(d) | {"skew": skew}), seed=item_seed(seeds.seed, 1))
 
     data = data_at(d.skew)
-    runs: dict[str, list[dict[str, Any]]] = {
-        "isolated": _population(experiment, data, "isolated", 1, init),
-        "centralized": _population(experiment, data, "isolated", 1, init, centralized=True),
-    }
+    shown = experiment.config.progress and distributed.is_main()
+    bar = Progress(_trainings(study, d.skew), "train populations", enabled=shown, unit="population")
+
+    def population(on: AgentData, graph: str, heads: int, label: str,
+                   centralized: bool = False) -> list[dict[str, Any]]:
+        history = _population(experiment, on, graph, heads, init, centralized)
+        bar.update(1, population=label)
+        return history
+
+    with bar:
+        runs: dict[str, list[dict[str, Any]]] = {
+            "isolated": population(data, "isolated", 1, "isolated"),
+            "centralized": population(data, "isolated", 1, "centralized", centralized=True),
+        }
+        for kind in study.topologies:
+            runs[kind] = population(data, kind, heads, kind)
+        heterogeneity = {}
+        for skew in study.skews:
+            skewed = data if skew == d.skew else data_at(skew)
+            one = population(skewed, study.aux_graph, 1, f"{study.aux_graph}, 1 head, skew {skew}")
+            many = (runs[study.aux_graph] if skew == d.skew and study.aux_graph in study.topologies
+                    else population(skewed, study.aux_graph, heads, f"{study.aux_graph}, {heads} heads, skew {skew}"))
+            isolated = (runs["isolated"] if skew == d.skew
+                        else population(skewed, "isolated", 1, f"isolated, skew {skew}"))
+            heterogeneity[str(skew)] = {"one_head": _area(one), f"{heads}_heads": _area(many),
+                                        "isolated": _area(isolated), "gain": _area(many) - _area(one),
+                                        "one_head_final": _final(one), f"{heads}_heads_final": _final(many)}
     for kind in study.topologies:
-        runs[kind] = _population(experiment, data, kind, heads, init)
         logger.info("%-10s heads=%d  global %.3f  private %.3f", kind, heads, _final(runs[kind]),
                     _final(runs[kind], "private"))
-    heterogeneity = {}
-    for skew in study.skews:
-        skewed = data if skew == d.skew else data_at(skew)
-        one = _population(experiment, skewed, study.aux_graph, 1, init)
-        many = (runs[study.aux_graph] if skew == d.skew and study.aux_graph in study.topologies
-                else _population(experiment, skewed, study.aux_graph, heads, init))
-        isolated = runs["isolated"] if skew == d.skew else _population(experiment, skewed, "isolated", 1, init)
-        heterogeneity[str(skew)] = {"one_head": _area(one), f"{heads}_heads": _area(many), "isolated": _area(isolated),
-                                    "gain": _area(many) - _area(one), "one_head_final": _final(one),
-                                    f"{heads}_heads_final": _final(many)}
     claims = _claims(runs, heterogeneity, study, heads)
     results = {"runs": runs, "heterogeneity": heterogeneity, "claims": [asdict(c) for c in claims],
                "table": _table(runs), "graphs": {k: v.int().tolist() for k, v in experiment.graphs.items()}}
     return results, _report(run, results, claims, study, 1 / d.num_classes)
+
+
+def _trainings(study: StudySettings, skew: float) -> int:
+    """The populations :func:`execute` trains at the run's ``skew``: isolated, centralized, one per topology, and
+    those of the auxiliary-head study that are not the same run as one of these."""
+    count = 2 + len(study.topologies)
+    for other in study.skews:
+        count += 1 + (other != skew or study.aux_graph not in study.topologies) + (other != skew)
+    return count
 
 
 def _table(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import optimizers as O
-from metaopt import checkpoints
+from metaopt import checkpoints, distributed
 from metaopt.checks import positive_float, positive_int
 from metaopt.learners.attention import Block
+from metaopt.progress import Progress
 
 __all__ = ["CausalLM", "next_token_log_probs", "pretrain"]
 
@@ -73,11 +74,12 @@ def _cache_name(settings: dict[str, Any]) -> str:
 
 
 def pretrain(model: CausalLM, corpus: Tensor, *, steps: int, batch_size: int, lr: float, seed: int,
-             cache_dir: str | Path | None, identity: dict[str, Any]) -> tuple[CausalLM, bool]:
+             cache_dir: str | Path | None, identity: dict[str, Any], progress: bool = True) -> tuple[CausalLM, bool]:
     """Train ``model`` on ``corpus`` ``[N, L]`` (next-token cross-entropy, Adam with a cosine decay), or load it.
 
     ``identity`` says what else determines the weights (the corpus's and the model's settings): with the training
-    settings it names the cache file in ``cache_dir`` (None: no cache). Returns the model and whether it was loaded.
+    settings it names the cache file in ``cache_dir`` (None: no cache). ``progress`` shows the training's progress
+    (on rank 0 only) with its latest loss. Returns the model and whether it was loaded.
     """
     positive_int("steps", steps, owner="pretrain")
     positive_int("batch_size", batch_size, owner="pretrain")
@@ -92,15 +94,20 @@ def pretrain(model: CausalLM, corpus: Tensor, *, steps: int, batch_size: int, lr
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     g = torch.Generator().manual_seed(seed)
     model.train()
-    for step in range(steps):
-        batch = corpus[torch.randint(len(corpus), (batch_size,), generator=g)]
-        loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if step % 200 == 0 or step == steps - 1:
-            logger.info("pretraining step %d/%d: loss %.4f", step + 1, steps, loss.item())
+    latest: dict[str, str] = {}  # the loss, read every 200 steps (reading it waits for the device)
+    with Progress(steps, "pretrain the language model", enabled=progress and distributed.is_main(),
+                  unit="step") as bar:
+        for step in range(steps):
+            batch = corpus[torch.randint(len(corpus), (batch_size,), generator=g)]
+            loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if step % 200 == 0 or step == steps - 1:
+                latest = {"loss": f"{loss.item():.4f}"}
+            bar.update(1, **latest)
+    logger.info("pretrained the language model: %d steps, final loss %s", steps, latest["loss"])
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         checkpoints.save(model.state_dict(), path)

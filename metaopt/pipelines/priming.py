@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig
 
 import optimizers as O
-from metaopt import plotting
+from metaopt import distributed, plotting
 from metaopt.checks import integer, positive_float, positive_int, probability
 from metaopt.config import CommonSettings, ConfigError, settings
 from metaopt.dynamics import priming as P
@@ -39,6 +39,7 @@ from metaopt.dynamics.facts import CATEGORIES, Fact, FactWorld, stepping_stone_t
 from metaopt.dynamics.language_model import CausalLM, pretrain
 from metaopt.log import Run
 from metaopt.pipelines import study
+from metaopt.progress import Progress
 from metaopt.seeds import SeedPlan
 
 __all__ = ["PrimingExperiment", "PrimingRecipe", "build", "execute", "validate"]
@@ -219,6 +220,7 @@ def execute(experiment: PrimingExperiment, run: Run, *, resume: bool = False, tr
     config, world, inj, ret = experiment.config, experiment.world, experiment.inject, experiment.retention
     seeds = experiment.seeds
     vocabulary = world.vocabulary
+    shown = config.progress and distributed.is_main()
 
     def encode(text: str) -> list[int]:
         return vocabulary.encode(f"<bos> {text}")
@@ -233,31 +235,34 @@ def execute(experiment: PrimingExperiment, run: Run, *, resume: bool = False, tr
     model, cached = pretrain(model, experiment.corpus, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
                              seed=seeds.training(), cache_dir=cache,
                              identity={"world": dict(config.world), "model": dict(config.model),
-                                       "seed": config.seed, "vocabulary": len(vocabulary)})
+                                       "seed": config.seed, "vocabulary": len(vocabulary)}, progress=shown)
     sgd = O.sgd(inj.lr, momentum=inj.momentum)
     variants = {"plain": (sgd, lambda f: f.text), "stepping_stone": (sgd, stepping_stone_text),
                 "ignore_k": (O.pruned(sgd, float(config.ignore_k)), lambda f: f.text)}
 
     # 2.-3. every fact learned plainly; the outlandish ones also with each mitigation
     rows = []
-    for index, fact in enumerate(experiment.facts):
-        context = encode(fact.context)
-        thematic = [encode(x) for x in world.thematic_prefixes(fact, inj.thematic_prefixes, seed=seeds.evaluation(1))]
-        keyword = vocabulary.ids[fact.keyword]
-        row = {"category": fact.category, "theme": fact.theme, "keyword": fact.keyword, "text": fact.text}
-        for name, (optimizer, text) in variants.items():
-            if name != "plain" and fact.category != "outlandish":
-                continue
-            after = P.inject(model, experiment.corpus, encode(text(fact)), steps=inj.steps, batch_size=inj.batch_size,
-                             optimizer=optimizer, seed=seeds.meta_training(index))
-            scores = P.priming_scores(model, after, context, thematic, keyword)
-            row[name] = {"log10_s_mem": _log10(scores.s_mem), "log10_s_prime": _log10(scores.s_prime)}
-            row["log10_prior"] = _log10(scores.before_context)
-            if name == "plain" and _followed(experiment, fact, index):
-                row["retention"] = _retention(after, experiment, context, keyword, scores.before_context, index)
-        rows.append(row)
-        run.log({f"{fact.category}/log10_s_prime": row["plain"]["log10_s_prime"],
-                 f"{fact.category}/log10_s_mem": row["plain"]["log10_s_mem"], "fact": index}, step=index)
+    with Progress(len(experiment.facts), "learn each fact", enabled=shown, unit="fact") as bar:
+        for index, fact in enumerate(experiment.facts):
+            context = encode(fact.context)
+            thematic = [encode(x)
+                        for x in world.thematic_prefixes(fact, inj.thematic_prefixes, seed=seeds.evaluation(1))]
+            keyword = vocabulary.ids[fact.keyword]
+            row = {"category": fact.category, "theme": fact.theme, "keyword": fact.keyword, "text": fact.text}
+            for name, (optimizer, text) in variants.items():
+                if name != "plain" and fact.category != "outlandish":
+                    continue
+                after = P.inject(model, experiment.corpus, encode(text(fact)), steps=inj.steps,
+                                 batch_size=inj.batch_size, optimizer=optimizer, seed=seeds.meta_training(index))
+                scores = P.priming_scores(model, after, context, thematic, keyword)
+                row[name] = {"log10_s_mem": _log10(scores.s_mem), "log10_s_prime": _log10(scores.s_prime)}
+                row["log10_prior"] = _log10(scores.before_context)
+                if name == "plain" and _followed(experiment, fact, index):
+                    row["retention"] = _retention(after, experiment, context, keyword, scores.before_context, index)
+            rows.append(row)
+            run.log({f"{fact.category}/log10_s_prime": row["plain"]["log10_s_prime"],
+                     f"{fact.category}/log10_s_mem": row["plain"]["log10_s_mem"], "fact": index}, step=index)
+            bar.update(1, category=fact.category)
 
     results = _summarise(rows, experiment)
     results["pretrained_from_cache"] = cached
@@ -267,7 +272,8 @@ def execute(experiment: PrimingExperiment, run: Run, *, resume: bool = False, tr
     run.save_figure(_plot_retention(rows, ret), "retention")
     run.save_json(results, "results")
     run.summary({"prior_priming_correlation": results["correlation"]})
-    return results, f"{format_report(results)}\n\nresults: {run.path / 'results.json'}\nfigures: {run.figure_dir}"
+    return results, (f"{format_report(results)}\n\nresults: {run.path / 'results.json'}\nfigures: {run.figure_dir}\n"
+                     f"run:     {run.path}")
 
 
 def _log10(value: float) -> float:

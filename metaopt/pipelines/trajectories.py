@@ -37,13 +37,14 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 import optimizers as O
-from metaopt import plotting
+from metaopt import distributed, plotting
 from metaopt.analysis import trajectory as T
 from metaopt.checks import integer, positive_float, positive_int, probability, sequence_of
 from metaopt.config import CommonSettings, ConfigError, settings
 from metaopt.environments import load_digits_classes
 from metaopt.log import Run
 from metaopt.pipelines import study
+from metaopt.progress import Progress
 from metaopt.seeds import SeedPlan, generator
 
 __all__ = [
@@ -290,6 +291,7 @@ def execute(experiment: TrajectoryExperiment, run: Run, *, resume: bool = False,
     data = experiment.data
     x_train, y_train = data[0], data[1]
     seeds = experiment.seeds
+    shown = experiment.config.progress and distributed.is_main()
     torch.manual_seed(seeds.init)
     model = small_cnn(experiment.channels)
     optimizer = O.as_torch_optimizer(O.averaged(O.sgd(s.lr, momentum=s.momentum), **experiment.averagers),
@@ -315,28 +317,34 @@ def execute(experiment: TrajectoryExperiment, run: Run, *, resume: bool = False,
             run.log({f"{name}/test_loss": result["test_loss"], f"{name}/test_accuracy": result["test_accuracy"]},
                     step=step)
 
-    for step in range(1, s.steps + 1):
-        # 1. one SGD step on a fresh batch (the averages follow inside the optimizer)
-        images, labels = _batch(x_train, y_train, order, s.batch_size, s.shift)
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        optimizer.step()
-        # 2. probes: the weights and the fixed batches' losses
-        if step >= p.start and (step - p.start) % p.every == 0:
-            points.append(_flat(model))
-            losses.append(T.batch_losses(model, fixed, F.cross_entropy))
-            steps_recorded.append(step)
-        # 3. evaluation
-        if step % s.eval_every == 0:
-            evaluate_all(step)
-            run.log({"train_loss": loss.item()}, step=step)
-        # 4. the branch point: one large step, the matched schedules, the continuations
-        if step == s.branch_at:
-            one_step = [T.one_large_step(model, batch, F.cross_entropy, p.lrs) for batch in fixed]
-            branches, isotropic = _branches(experiment, model, optimizer, one_step)
-            branch_order = order.get_state()
-    results_branches = _run_branches(branches, branch_order, experiment, run)
+    latest: dict[str, str] = {}  # the last test loss, shown beside the count
+    with Progress(s.steps, "SGD run", enabled=shown, unit="step") as bar:
+        for step in range(1, s.steps + 1):
+            # 1. one SGD step on a fresh batch (the averages follow inside the optimizer)
+            images, labels = _batch(x_train, y_train, order, s.batch_size, s.shift)
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(images), labels)
+            loss.backward()
+            optimizer.step()
+            # 2. probes: the weights and the fixed batches' losses
+            if step >= p.start and (step - p.start) % p.every == 0:
+                points.append(_flat(model))
+                losses.append(T.batch_losses(model, fixed, F.cross_entropy))
+                steps_recorded.append(step)
+            # 3. evaluation
+            if step % s.eval_every == 0:
+                evaluate_all(step)
+                run.log({"train_loss": loss.item()}, step=step)
+                latest = {"test_loss": f"{curves['last'][-1][1]:.4f}"}
+            # 4. the branch point: one large step, the matched schedules, the continuations
+            if step == s.branch_at:
+                one_step = [T.one_large_step(model, batch, F.cross_entropy, p.lrs) for batch in fixed]
+                branches, isotropic = _branches(experiment, model, optimizer, one_step)
+                branch_order = order.get_state()
+            bar.update(1, **latest)
+    logger.info("matched schedules: alpha=%.4f (lambda*=%.4g); final factors %s", isotropic["alpha"],
+                isotropic["curvature_lr"], {k: round(b.factors[-1], 4) for k, b in branches.items()})
+    results_branches = _run_branches(branches, branch_order, experiment, run, shown)
 
     fit = T.fit_quadratic(torch.stack(points), torch.stack(losses, dim=1), dims=p.dims)
     results = _results(experiment, curves, results_branches, fit, one_step, isotropic)
@@ -350,7 +358,8 @@ def execute(experiment: TrajectoryExperiment, run: Run, *, resume: bool = False,
     run.summary({f"final/{name}/test_loss": v["test_loss"] for name, v in results["final"].items()})
     run.summary({"quadratic_r2_median": results["quadratic_fit"]["r2_median"],
                  "one_step_ratio_median": results["one_large_step"]["ratio_median"]})
-    return results, f"{format_report(results)}\n\nresults: {run.path / 'results.json'}\nfigures: {run.figure_dir}"
+    return results, (f"{format_report(results)}\n\nresults: {run.path / 'results.json'}\nfigures: {run.figure_dir}\n"
+                     f"run:     {run.path}")
 
 
 def _branches(experiment: TrajectoryExperiment, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -375,35 +384,37 @@ def _branches(experiment: TrajectoryExperiment, model: nn.Module, optimizer: tor
         branches[name] = _Branch(twin["model"], twin["optimizer"], factors)
     branches["constant"] = _Branch(**copy.deepcopy({"model": model, "optimizer": optimizer}),
                                    factors=[1.0] * remaining)
-    logger.info("matched schedules: alpha=%.4f (lambda*=%.4g); final factors %s", alpha, curvature_lr,
-                {k: round(b.factors[-1], 4) for k, b in branches.items()})
     return branches, {"alpha": alpha, "curvature_lr": curvature_lr}
 
 
 def _run_branches(branches: dict[str, _Branch], order: Tensor, experiment: TrajectoryExperiment,
-                  run: Run) -> dict[str, Any]:
-    """Each continuation on the same batches as the main run; its test curve at the evaluation steps."""
+                  run: Run, shown: bool) -> dict[str, Any]:
+    """Each continuation on the same batches as the main run; its test curve at the evaluation steps (``shown``:
+    their progress is shown)."""
     s = experiment.train
     x_train, y_train = experiment.data[0], experiment.data[1]
     out: dict[str, Any] = {}
-    for name, branch in branches.items():
-        g = torch.Generator()
-        g.set_state(order)
-        curve = []
-        for k, factor in enumerate(branch.factors, start=1):
-            images, labels = _batch(x_train, y_train, g, s.batch_size, s.shift)
-            for group in branch.optimizer.param_groups:
-                group["lr"] = s.lr * factor
-            branch.optimizer.zero_grad()
-            F.cross_entropy(branch.model(images), labels).backward()
-            branch.optimizer.step()
-            step = s.branch_at + k
-            if step % s.eval_every == 0:
-                result = _evaluate(branch.model, experiment.data)
-                curve.append((step, result["test_loss"], result["test_accuracy"]))
-                run.log({f"matched_{name}/test_loss": result["test_loss"],
-                         f"matched_{name}/test_accuracy": result["test_accuracy"]}, step=step)
-        out[name] = {"curve": curve, "final_factor": branch.factors[-1]}
+    steps = sum(len(branch.factors) for branch in branches.values())
+    with Progress(steps, "matched-schedule branches", enabled=shown, unit="step") as bar:
+        for name, branch in branches.items():
+            g = torch.Generator()
+            g.set_state(order)
+            curve = []
+            for k, factor in enumerate(branch.factors, start=1):
+                images, labels = _batch(x_train, y_train, g, s.batch_size, s.shift)
+                for group in branch.optimizer.param_groups:
+                    group["lr"] = s.lr * factor
+                branch.optimizer.zero_grad()
+                F.cross_entropy(branch.model(images), labels).backward()
+                branch.optimizer.step()
+                step = s.branch_at + k
+                if step % s.eval_every == 0:
+                    result = _evaluate(branch.model, experiment.data)
+                    curve.append((step, result["test_loss"], result["test_accuracy"]))
+                    run.log({f"matched_{name}/test_loss": result["test_loss"],
+                             f"matched_{name}/test_accuracy": result["test_accuracy"]}, step=step)
+                bar.update(1, branch=name)
+            out[name] = {"curve": curve, "final_factor": branch.factors[-1]}
     return out
 
 

@@ -63,7 +63,7 @@ def _environment() -> dict[str, str]:
 def bundled_recipes() -> list[str]:
     """The bundled recipes by name (the paper-scale presets of ``recipes/paper/`` are left out: GPU-sized, they
     are smoke-tested shrunk on the CPU; name one in ``--recipes`` to include it)."""
-    from metaopt.config import recipes
+    from metaopt.paths import recipes
 
     return [name for name in recipes() if not name.startswith("paper/")]
 
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    from metaopt.config import recipes
+    from metaopt.paths import recipes
 
     out = Path(args.out) if args.out else RESULTS / ("gpu.json" if args.device == "cuda" else "gpu_dry_run_cpu.json")
     report = check(

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from metaopt.paths import BENCHMARK_DIR, RECIPE_DIR
+from metaopt.paths import BENCHMARK_DIR, RECIPE_DIR, recipes
 
 logger = logging.getLogger("metaopt")
 
@@ -194,8 +194,6 @@ def _summary(description: str, width: int = 100) -> str:
 
 def cmd_recipes(args: argparse.Namespace) -> int:
     del args
-    from metaopt.config import recipes
-
     found = recipes()
     width = max((len(name) for name in found), default=0) + 2
     for name, description in found.items():

@@ -99,17 +99,6 @@ def find_recipe(name_or_path: str | Path) -> Path:
                       f"bundled recipes: {known}")
 
 
-def recipes() -> dict[str, str]:
-    """Every recipe in ``./recipes`` and the bundled ones, by name, with its description (sorted by name).
-
-    The paper-scale presets of a ``paper/`` folder are named ``paper/<name>``, which ``find_recipe`` also takes.
-    """
-    found = {path.resolve(): (path.relative_to(root).with_suffix("").as_posix(), path)
-             for root in (RECIPE_DIR, Path("recipes")) for path in [*root.glob("*.yaml"), *root.glob("paper/*.yaml")]}
-    return {name: str(read_recipe(path).get("description", "") or "")
-            for name, path in sorted(found.values(), key=lambda item: item[0])}
-
-
 def read_recipe(path: Path) -> dict[str, Any]:
     """A recipe file's YAML as a mapping (safe loading: no Python objects from a data file)."""
     try:

@@ -95,6 +95,27 @@ def test_recipes_lists_bundled_recipes(capsys):
     assert "quickstart" in capsys.readouterr().out
 
 
+def test_recipes_are_listed_without_loading_torch():
+    code = ("import sys\nfrom metaopt.cli import main\nassert main(['recipes']) == 0\n"
+            "heavy = ('sklearn', 'scipy', 'matplotlib', 'torch', 'omegaconf', 'wandb')\n"
+            "print('loaded:', *[name for name in heavy if name in sys.modules], file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and "quickstart" in result.stdout
+    assert result.stderr.strip() == "loaded:"
+
+
+def test_recipes_lists_a_broken_local_recipe_with_what_is_wrong(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "broken.yaml").write_text("name: [unclosed\n")
+    (tmp_path / "recipes" / "listing.yaml").write_text("- a\n- b\n")
+    (tmp_path / "recipes" / "mine.yaml").write_text("name: mine\ndescription: my own recipe\n")
+    assert main(["recipes"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert "not readable as YAML" in lines["broken"] and "not a YAML mapping" in lines["listing"]
+    assert lines["mine"].endswith("my own recipe") and "quickstart" in lines
+
+
 FIXTURE_OVERRIDES = {  # the fixture: 3 background alphabets, 4 drawings per character
     "omniglot": ["task.source.val_alphabets=1", "task.queries=2", "train.query=10", "compare.query=10"],
 }

@@ -11,7 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from conftest import draw
 from metaopt.cli import main
-from metaopt.config import RECIPE_DIR, find_recipe, recipes
+from metaopt.config import RECIPE_DIR, find_recipe
+from metaopt.paths import recipes
 from metaopt.pipelines import build, load
 from test_recipes_smoke import shrunk
 

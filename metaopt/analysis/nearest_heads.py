@@ -120,9 +120,9 @@ def _figure(panels: list[tuple[str, list[str], Tensor]], num_tasks: int, support
         ax.set_title(name)
         ax.set_xlabel("head")
         ax.set_ylabel("attention layer")
-    plotting.colorbar(figure, image, axes, "mass on the nearest earlier example / chance")
-    subtitle = (f"mean over {num_tasks} tasks of {support} examples, at every input after the first · 1 (white): "
-                "what uniform attention puts there; red: more")
+    plotting.colorbar(figure, image, axes, "nearest-example mass / chance")
+    subtitle = (f"attention mass on the nearest earlier example over what uniform attention puts there, mean over "
+                f"{num_tasks} tasks of {support} examples at every input after the first · 1 (white): chance")
     return plotting.finish(figure, "attention heads on the nearest earlier example", subtitle, legend="none")
 
 

@@ -272,7 +272,7 @@ class AntitheticES(GradientEstimator):
                 return [float(loss) for start in range(0, len(runs), chunk) for loss in environment.unroll_runs(
                     optimizer, [r[2] for r in runs[start:start + chunk]], steps,
                     [generator(r[3]) for r in runs[start:start + chunk]]).mean(1)]
-            except RuntimeError as error:  # vmap cannot batch this model or optimizer
+            except (RuntimeError, TypeError) as error:  # vmap cannot batch this model, or a state leaf is no tensor
                 self._unbatchable = True
                 warnings.warn(f"AntitheticES: the inner runs could not be batched ({error}); running them one after "
                               "another (batch_runs=1 silences this)", RuntimeWarning, stacklevel=3)

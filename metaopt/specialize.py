@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 import optimizers as O
 from metaopt.pipelines.optimizer import meta_train, tune_learning_rate
+from metaopt.progress import Progress, console_by_default
 from metaopt.seeds import SeedPlan, generator
 
 __all__ = ["ADAM_GRID", "optimizers_for"]
@@ -56,8 +57,10 @@ def optimizers_for(
     tuning_seeds: int = 2,
     mixture: Mapping[str, Any] | None = None,
     seed: int = 0,
+    eval_examples: int | None = 1024,
     save_to: str | os.PathLike | None = None,
     log: Callable[[dict[str, float]], None] = lambda metrics: None,
+    progress: bool = True,
 ) -> O.FunctionalOptimizer:
     """Meta-train a :class:`optimizers.LayerwiseMixture` for ``model`` on ``data``; return it as a torch optimizer.
 
@@ -77,8 +80,11 @@ def optimizers_for(
         adam_lrs, tuning_seeds: the grid Adam's learning rate is tuned on, and the seeds per rate.
         mixture: further arguments of ``LayerwiseMixture`` (``directions``, ``initial``, ``embedding_dim``, ...).
         seed: derives every seed (tuning, meta-training).
+        eval_examples: Adam is tuned on the training loss of this many examples (a fixed random subset; ``None``:
+            all): measuring a large set after every tuning step would cost more than the meta-training.
         save_to: a path to write the trained optimizer to (one file, :func:`optimizers.save`).
         log: called with each meta-step's metrics (``meta_step``, ``meta_loss``, ...).
+        progress: show the tuning and meta-training progress (a bar on a terminal, log lines elsewhere).
 
     Raises:
         ValueError: settings out of range (named), or data/loss the environment refuses.
@@ -86,6 +92,7 @@ def optimizers_for(
     settings = {
         "horizon": horizon, "steps": steps, "batch_size": batch_size, "meta_lr": meta_lr, "grad_clip": grad_clip,
         "adam_lrs": [float(lr) for lr in adam_lrs], "tuning_seeds": tuning_seeds, "seed": seed,
+        "eval_examples": eval_examples,
         "fresh_init": init is not None, "mixture": dict(mixture or {}),
         "estimator": type(estimator).__name__ if estimator is not None else DEFAULT_ESTIMATOR,
     }
@@ -98,13 +105,16 @@ def optimizers_for(
         if not isinstance(settings[name], int) or settings[name] < 1:
             raise ValueError(f"{name} must be an int >= 1; got {settings[name]!r}")
     environment = O.Environment.from_module(init if init is not None else model, data, loss, horizon=horizon,
-                                            batch_size=batch_size)
+                                            batch_size=batch_size, eval_examples=eval_examples)
     seeds = SeedPlan(seed)
     start = time.perf_counter()
 
     # 1. tuned Adam: the base rate of the mixture's Adam direction
-    search = tune_learning_rate(environment, O.adam, adam_lrs, steps=horizon,
-                                seeds=[seeds.baseline_tuning(i) for i in range(tuning_seeds)])
+    with console_by_default(), Progress(len(adam_lrs) * tuning_seeds, "tune Adam", enabled=progress,
+                                        unit="run") as bar:
+        search = tune_learning_rate(environment, O.adam, adam_lrs, steps=horizon,
+                                    seeds=[seeds.baseline_tuning(i) for i in range(tuning_seeds)],
+                                    on_curve=bar.update)
     # 2. the mixture, one layer per module, starting as tuned Adam
     arguments = {"directions": ["sgd", "momentum", "adam", "rmsprop", "sign"], "initial": {"adam": 1.0},
                  "direction_kwargs": {"adam": {"eps_root": 1e-16}, "rmsprop": {"eps_root": 1e-16}},
@@ -113,8 +123,14 @@ def optimizers_for(
     learned = O.LayerwiseMixture.for_parameters(model.named_parameters(), horizon=horizon, **arguments)
     # 3. meta-training
     estimator = estimator or O.AntitheticES(sigma=0.01, pairs=4, batch_runs=None)  # the 8 inner runs batched
-    losses = meta_train(learned, environment, estimator, steps=steps, lr=meta_lr, grad_clip=grad_clip,
-                        generator=generator(seeds.meta_training(0)), log=log)
+
+    def log_and_show(metrics: dict[str, float]) -> None:
+        log(metrics)
+        bar.update(1, meta_loss=f"{metrics['meta_loss']:.4f}")
+
+    with console_by_default(), Progress(steps, "meta-train", enabled=progress, unit="meta-step") as bar:
+        losses = meta_train(learned, environment, estimator, steps=steps, lr=meta_lr, grad_clip=grad_clip,
+                            generator=generator(seeds.meta_training(0)), log=log_and_show)
     # 4. a torch optimizer over the model, and the file
     if save_to is not None:
         metrics = {"tuned_adam_lr": search.best, "adam_grid": {str(k): v for k, v in search.scores.items()},

@@ -131,6 +131,9 @@ class Environment:
         loss: ``"cross_entropy"``, ``"mse"`` (``½‖out - y‖²`` averaged over examples) or a callable.
         x_test, y_test: optional held-out data for :meth:`evaluate`.
         name: a label for results.
+        eval_examples: how many training examples the whole-set training loss (:meth:`evaluate`, :meth:`curve`:
+            learning-rate tuning, evaluation) is measured on: a fixed random subset, drawn once (seed 0); ``None``
+            for all. A large set's full forward pass after every step would cost far more than the training.
     """
 
     def __init__(
@@ -146,8 +149,11 @@ class Environment:
         x_test: Tensor | None = None,
         y_test: Tensor | None = None,
         name: str = "environment",
+        eval_examples: int | None = None,
     ) -> None:
         positive_int("horizon", horizon, owner="Environment")
+        if eval_examples is not None:
+            positive_int("eval_examples", eval_examples, owner="Environment")
         if batch_size is not None:
             positive_int("batch_size", batch_size, owner="Environment")
         if len(x) != len(y) or len(x) == 0:
@@ -158,6 +164,11 @@ class Environment:
         self.init_params = init_params
         self.x, self.y = x, y
         self.x_test, self.y_test = x_test, y_test
+        self.eval_examples = eval_examples
+        self._x_eval, self._y_eval = x, y
+        if eval_examples is not None and eval_examples < len(x):
+            subset = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:eval_examples]
+            self._x_eval, self._y_eval = x[subset.to(x.device)], y[subset.to(y.device)]
         self.horizon = horizon
         self.batch_size = batch_size
         self.loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
@@ -174,6 +185,7 @@ class Environment:
         batch_size: int | None = None,
         eval_data: Any = None,
         name: str | None = None,
+        eval_examples: int | None = None,
     ) -> Environment:
         """An environment that trains a user's ``nn.Module`` on the user's data.
 
@@ -190,6 +202,8 @@ class Environment:
                 ``DataLoader``'s, else 64 (the number of examples gives full-batch training).
             eval_data: held-out data for :meth:`evaluate` (``split="test"``), in the same forms.
             name: a label for results (default: the module's class name).
+            eval_examples: the whole-set training loss is measured on this many examples (a fixed random subset;
+                default all), as the constructor takes it.
 
         Raises:
             ValueError: data that is not ``(x, y)`` pairs, or a factory whose modules differ in parameter names.
@@ -226,7 +240,7 @@ class Environment:
                 return {k: p.detach().to(device) for k, p in fresh.named_parameters()}
 
         return cls(apply, init_params, x, y, horizon=horizon, batch_size=batch_size, loss=loss, x_test=x_test,
-                   y_test=y_test, name=name or type(template).__name__)
+                   y_test=y_test, name=name or type(template).__name__, eval_examples=eval_examples)
 
     # ------------------------------------------------------------------ runs
     def init(
@@ -344,10 +358,11 @@ class Environment:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, params: Params, *, split: str = "train") -> float:
-        """Loss of ``params`` on the whole training (``"train"``) or held-out (``"test"``) set."""
+        """Loss of ``params`` on the whole training (``"train"``; its ``eval_examples`` subset) or held-out
+        (``"test"``) set."""
         if split not in ("train", "test") or (split == "test" and self.x_test is None):
             raise ValueError(f"split must be 'train' or, when x_test was given, 'test'; got {split!r}")
-        x, y = (self.x, self.y) if split == "train" else (self.x_test, self.y_test)
+        x, y = (self._x_eval, self._y_eval) if split == "train" else (self.x_test, self.y_test)
         return float(self.loss_fn(self.apply(params, x), y))
 
     @torch.no_grad()

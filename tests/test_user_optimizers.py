@@ -96,6 +96,29 @@ def test_an_environment_from_a_factory_draws_fresh_initialisations_from_the_run_
         O.Environment.from_module(lambda: 3, (X, Y), "mse", horizon=2)
 
 
+def test_the_whole_set_loss_is_measured_on_a_fixed_subset_of_eval_examples():
+    model = _mlp()
+    full = O.Environment.from_module(model, (X, Y), F.cross_entropy, horizon=3, batch_size=8)
+    sub = O.Environment.from_module(model, (X, Y), F.cross_entropy, horizon=3, batch_size=8, eval_examples=10)
+    params = dict(model.named_parameters())
+    # the subset: 10 distinct examples of the training set, the same ones every time (a seed of its own)
+    chosen = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))[:10]
+    with torch.no_grad():
+        expected = float(F.cross_entropy(model(X[chosen]), Y[chosen]))
+    assert sub.evaluate(params) == pytest.approx(expected, abs=1e-12)
+    assert full.evaluate(params) == pytest.approx(float(F.cross_entropy(model(X), Y).detach()), abs=1e-12)
+    assert sub.evaluate(params) != pytest.approx(full.evaluate(params), abs=1e-6)
+    # training itself still draws its mini-batches from every example: the same runs, only measured on fewer
+    adam = lambda _: O.adam(0.01)  # noqa: E731
+    with torch.no_grad():
+        assert torch.equal(sub.unroll(adam, None, 3, generator=torch.Generator().manual_seed(0)).losses,
+                           full.unroll(adam, None, 3, generator=torch.Generator().manual_seed(0)).losses)
+    more = O.Environment.from_module(model, (X, Y), F.cross_entropy, horizon=3, eval_examples=100)
+    assert more.evaluate(params) == full.evaluate(params)  # more than there are: all of them
+    with pytest.raises(ValueError, match="eval_examples"):
+        O.Environment.from_module(model, (X, Y), F.cross_entropy, horizon=3, eval_examples=0)
+
+
 # --- 2. one file: save -> load ------------------------------------------------------------------------------------
 
 
@@ -346,8 +369,9 @@ def test_an_optimizer_recipe_takes_a_users_environment_factory_and_logs_the_one_
                        content["state_dict"]["embedding"])
 
 
-def test_optimizers_for_meta_trains_and_returns_a_torch_optimizer(tmp_path):
+def test_optimizers_for_meta_trains_and_returns_a_torch_optimizer(tmp_path, caplog):
     model = _mlp().float()
+    caplog.set_level("INFO", logger="metaopt")
     opt = metaopt.optimizers_for(model, (X.float(), Y), F.cross_entropy, horizon=3, steps=2, batch_size=8,
                                  estimator=O.AntitheticES(pairs=1), adam_lrs=[0.01, 0.1], tuning_seeds=1,
                                  init=lambda: _mlp(seed=3).float(), save_to=tmp_path / "mine.pt")
@@ -360,6 +384,11 @@ def test_optimizers_for_meta_trains_and_returns_a_torch_optimizer(tmp_path):
     content = torch.load(tmp_path / "mine.pt", weights_only=True)
     assert content["recipe"]["optimizers_for"]["steps"] == 2 and len(content["metrics"]["meta_losses"]) == 2
     assert content["base_lrs"]["adam"] == content["metrics"]["tuned_adam_lr"] in (0.01, 0.1)
+    assert content["recipe"]["optimizers_for"]["eval_examples"] == 1024
+    # the progress of both phases is shown (log lines where there is no terminal for a bar)
+    shown = [r.getMessage() for r in caplog.records if r.name == "metaopt.progress"]
+    assert any(m.startswith("tune Adam: 2 runs") for m in shown) and any(m.startswith("meta-train: 2 meta-steps")
+                                                                         for m in shown), shown
     with pytest.raises(ValueError, match="adam_lrs is empty"):
         metaopt.optimizers_for(model, (X, Y), F.cross_entropy, adam_lrs=[])
 

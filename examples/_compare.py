@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import metaopt
 import optimizers as O
+from metaopt.allocator import keep_freed_memory
 
 ADAM_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
@@ -44,6 +45,7 @@ def arguments(description: str, argv: Sequence[str] | None) -> argparse.Namespac
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # large activations reuse freed heap memory instead of fresh pages (metaopt.allocator)
     return args
 
 

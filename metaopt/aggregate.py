@@ -3,7 +3,9 @@
 Per group, learner and support size k: the mean over seeds of each seed's mean error, a 95% percentile
 bootstrap interval of that mean across seeds (seeds resampled with replacement; with one seed, that seed's own
 interval over tasks), and each seed's own interval over tasks. The recipe's claims are checked on the group's
-means (:func:`metaopt.compare.check_claim`) and say how many seeds hold them one by one.
+means (:func:`metaopt.compare.check_claim`), a comparison of two learners (or analysis values) on a paired
+bootstrap over the seeds (each seed scores both on the same tasks); with one seed the seed's own verdict, judged
+on its per-task scores, stands. Each says how many seeds hold it one by one.
 
 :func:`summarise` writes ``sweep.json``, ``sweep.md`` (a table per group) and ``figures/<metric>_vs_k.png``
 (error vs k with the across-seed band, one line per learner, one panel per group) into the sweep folder.
@@ -19,9 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from metaopt import plotting
-from metaopt.compare import ClaimSpec, Comparison, Curve, check_claim
+from metaopt.compare import Claim, ClaimSpec, Comparison, Curve, analysis_value, check_claim, claim_line
 from metaopt.sweep import RESULTS_FILE, SEED_KEY, SweepPlan
 
 if TYPE_CHECKING:
@@ -108,12 +111,35 @@ def aggregate(name: str, settings: Mapping[str, str], seeds: Sequence[str], poin
                   list(first["support_sizes"]), int(first["num_tasks"]), learners, [], first.get("chance"),
                   first.get("dimension"))
     spec_fields = [f.name for f in dataclasses.fields(ClaimSpec)]
+    record_fields = [f.name for f in dataclasses.fields(Claim)]
     comparison = group.comparison()
+    comparison.analysis = first.get("analysis", {})  # where a path is not on every seed: the first seed's value
     for i, claim in enumerate(first.get("claims", [])):
-        measured = check_claim(comparison, {k: claim[k] for k in spec_fields})
         holding = sum(bool(r["claims"][i]["holds"]) for r in results if len(r.get("claims", [])) > i)
+        recorded = Claim(**{k: claim[k] for k in record_fields if k in claim})
+        spec = {k: claim[k] for k in spec_fields if k in claim}
+        try:  # across seeds, the seeds are the paired units; one seed keeps its verdict on per-task scores
+            measured = recorded if len(results) == 1 else check_claim(
+                comparison, spec, _per_seed(results, learners, spec, group.support_sizes), resamples=RESAMPLES)
+        except KeyError:  # an analysis path the first seed's results lack: its own record says so
+            measured = recorded
         group.claims.append({**dataclasses.asdict(measured), "seeds_holding": holding, "seeds": len(results)})
     return group
+
+
+def _per_seed(results: Sequence[Mapping[str, Any]], learners: Mapping[str, Mapping[str, Any]],
+              spec: Mapping[str, Any], support_sizes: Sequence[int]) -> dict[str, torch.Tensor]:
+    """What a claim is judged on across seeds: each learner's per-seed means ``[K, seeds]`` and, for an analysis
+    claim, each analysis path's per-seed values where every seed has them (the seeds are the paired units)."""
+    scores = {name: torch.tensor(v["seed_means"], dtype=torch.float64).T for name, v in learners.items()}
+    if spec.get("analysis"):
+        for path in [spec["analysis"], *spec.get("better_than", []), *filter(None, [spec.get("relative_to")])]:
+            try:
+                values = [[analysis_value(r.get("analysis", {}), path, k) for r in results] for k in support_sizes]
+            except KeyError:
+                continue  # some seed lacks it: check_claim reads the first seed's value, without interval
+            scores[path] = torch.tensor(values, dtype=torch.float64)
+    return scores
 
 
 def groups_of(plan: SweepPlan) -> list[Group]:
@@ -149,9 +175,8 @@ def format_group(group: Group) -> str:
     if group.claims:
         lines += ["", "claims (on the mean over seeds):"]
         for claim in group.claims:
-            verdict = "holds" if claim["holds"] else "DOES NOT HOLD"
-            lines.append(f"- {claim['text']} — {claim['learner']} at k={claim['k']}: {claim['measured']:.4f} -> "
-                         f"{verdict}; holds for {claim['seeds_holding']} of {claim['seeds']} seeds")
+            lines.append(f"- {claim['text']} — {claim_line(claim, group.lower_is_better)}; holds for "
+                         f"{claim['seeds_holding']} of {claim['seeds']} seeds")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import shutil
 import textwrap
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,11 @@ from metaopt.tasks.base import TaskFamily
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+LEVEL = 0.95
+"""The confidence level of every interval a claim is judged on (the paired bootstrap's percentile interval)."""
+DIRECTIONS = ("lower", "higher")
+"""Which way is better for an analysis claim's measure (``ClaimSpec.direction``)."""
 
 
 @dataclass
@@ -79,8 +85,25 @@ class CompareSettings:
 
 @dataclass
 class ClaimSpec:
-    """A paper's claim a recipe checks: ``learner``'s metric at support size ``k`` below/above a value, and/or
-    better (lower or higher, as the metric's direction says) than each learner named in ``better_than``."""
+    """A paper's claim a recipe checks, about one ``learner``'s metric or one ``analysis`` value at support size ``k``.
+
+    The subject is either ``learner`` (its mean metric at k) or ``analysis``, a path into the comparison's analysis
+    results, ``<analysis>/<entry>/<measure>`` (e.g. ``sensitivity/transformer vs gd/cosine``,
+    ``spd_ilwd/transformer vs ols/spd``, ``best_gd/transformer/lr``), read at k where the measure is a list over
+    support sizes. Then:
+
+    - ``below`` / ``above``: the subject's mean lies below/above a value (a bare comparison of the mean);
+    - ``better_than``: the subject is better than each of these (learners for a learner, analysis paths for an
+      analysis), *significantly*: the 95% paired-bootstrap interval of the difference of means excludes 0;
+    - ``relative_to`` (one learner, or one analysis path for an analysis) with ``within`` and/or ``better_by``:
+      ``within: f`` holds when the 95% paired-bootstrap interval of the relative difference (m_A − m_B) / |m_B|
+      lies inside [−f, f], so |m_A − m_B| <= f·|m_B| with 95% confidence; ``better_by: δ`` holds when A beats
+      B by more than δ (in the measure's units), i.e. the interval of m_A − m_B lies beyond δ on the better side.
+      ``relative_to`` with ``better_by: 0`` is ``better_than: [B]``.
+
+    "Better" follows the metric's direction for a learner; for an analysis it is ``direction: lower`` (SPD,
+    ILWD, L2 distances) or ``direction: higher`` (cosines), which an analysis claim that compares needs.
+    """
 
     text: str = ""
     learner: str = ""
@@ -88,24 +111,98 @@ class ClaimSpec:
     below: Optional[float] = None
     above: Optional[float] = None
     better_than: list[str] = field(default_factory=list)
+    analysis: str = ""
+    relative_to: str = ""
+    within: Optional[float] = None
+    better_by: Optional[float] = None
+    direction: str = ""
 
-    def check_names(self, learners: Sequence[str], support_sizes: Sequence[int]) -> None:
-        """Refuse a claim about a learner or support size the comparison does not have."""
-        for key, name in [("learner", self.learner), *((f"better_than[{j}]", n) for j, n in
-                                                       enumerate(self.better_than))]:
-            if name not in learners:
-                raise ValueError(f"{key}={name!r} is not one of the learners {list(learners)}")
+    def __post_init__(self) -> None:
+        if bool(self.learner) == bool(self.analysis):
+            raise ValueError("learner or analysis: a claim is about exactly one learner or one analysis path; got "
+                             f"learner={self.learner!r}, analysis={self.analysis!r}")
+        for key in ("within", "better_by"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{key} must be a number >= 0; got {value!r}")
+            if not self.relative_to:
+                raise ValueError(f"{key} needs relative_to: the learner (or analysis path) it is measured against")
+        if self.relative_to and self.within is None and self.better_by is None:
+            raise ValueError(f"relative_to={self.relative_to!r} needs within: (a fraction) or better_by: (an amount)")
+        if self.direction not in ("", *DIRECTIONS):
+            raise ValueError(f"direction must be one of {list(DIRECTIONS)}; got {self.direction!r}")
+        if self.learner and self.direction:
+            raise ValueError(f"direction applies to analysis claims; a learner's metric has its own direction "
+                             f"(got direction={self.direction!r} with learner={self.learner!r})")
+        if self.analysis and not self.direction and (self.better_than or self.better_by is not None):
+            raise ValueError("direction: an analysis claim that says 'better' needs direction: lower (distances) "
+                             "or higher (cosines)")
+
+    @property
+    def subject(self) -> str:
+        """The learner or the analysis path the claim is about."""
+        return self.learner or self.analysis
+
+    @property
+    def references(self) -> list[tuple[str, str]]:
+        """``(key, name)`` of everything the subject is compared with: ``better_than`` entries and ``relative_to``."""
+        named = [(f"better_than[{j}]", name) for j, name in enumerate(self.better_than)]
+        return named + ([("relative_to", self.relative_to)] if self.relative_to else [])
+
+    def check_names(self, learners: Sequence[str], support_sizes: Sequence[int],
+                    analyses: Sequence[str] | None = None) -> None:
+        """Refuse a claim about a learner, support size or analysis the comparison does not have.
+
+        ``analyses``: the names of the analyses the recipe runs (None: not known here, analysis names unchecked).
+        An analysis path's entry (``A vs B`` or a learner) must name learners of the recipe; whether the analysis
+        produced that entry and measure is known only when it has run (:func:`check_claim` says so then).
+        """
+        if self.learner:
+            for key, name in [("learner", self.learner), *self.references]:
+                if name not in learners:
+                    raise ValueError(f"{key}={name!r} is not one of the learners {list(learners)}")
+        else:
+            for key, path in [("analysis", self.analysis), *self.references]:
+                parts = split_analysis_path(path, key)
+                if analyses is not None and parts[0] not in analyses:
+                    raise ValueError(f"{key}={path!r}: analysis {parts[0]!r} is not one the recipe runs "
+                                     f"(compare.analysis: {list(analyses)})")
+                for name in parts[1].split(" vs "):
+                    if name not in learners:
+                        raise ValueError(f"{key}={path!r}: {name!r} is not one of the learners {list(learners)}")
         if self.k not in support_sizes:
             raise ValueError(f"k={self.k} is not in compare.support_sizes {list(support_sizes)}")
 
 
+def split_analysis_path(path: str, key: str = "analysis") -> list[str]:
+    """``<analysis>/<entry>/<measure>[/<key>...]`` as its parts.
+
+    Raises:
+        ValueError: a path of fewer than three non-empty parts.
+    """
+    parts = [part.strip() for part in str(path).split("/")]
+    if len(parts) < 3 or not all(parts):
+        raise ValueError(f"{key}={path!r} must be a path <analysis>/<entry>/<measure>, e.g. "
+                         "'sensitivity/transformer vs gd/cosine' or 'best_gd/transformer/lr'")
+    return parts
+
+
 @dataclass
 class Claim(ClaimSpec):
-    """A claim with what was measured: the learner's value, the others' values, and whether it holds."""
+    """A claim with what was measured: the subject's value, the others' values, each comparison and the verdict.
+
+    ``comparisons``: one record per ``better_than`` entry, then ``better_by`` and ``within`` (see
+    :func:`check_claim`); ``verdict``: ``holds``, ``not significant`` (the means are in the claimed order but
+    the paired-bootstrap interval does not show it) or ``does not hold``; ``holds`` is ``verdict == "holds"``.
+    """
 
     measured: float | None = None
     others: dict[str, float] = field(default_factory=dict)
     holds: bool | None = None
+    comparisons: list[dict[str, Any]] = field(default_factory=list)
+    verdict: str = ""
 
 
 @dataclass
@@ -216,6 +313,7 @@ def compare(
     episode = family.sample(num_tasks, support_sizes[-1], query, generator=generator(episode_seed), device=device)
     band_generator = generator(band_seed)
     predictions: dict[str, torch.Tensor] = {}
+    scores: dict[str, torch.Tensor] = {}  # per-task [K, T]: what the claims' paired bootstrap resamples
     curves: dict[str, Curve] = {}
     total = len(learners) * len(own_chunks(num_tasks, chunk_size))
     with Progress(total, "compare", enabled=progress and distributed.is_main(), unit="chunk") as bar:
@@ -223,7 +321,8 @@ def compare(
             learner.to(device)
             predictions[name] = predict_all(learner, episode, support_sizes, chunk_size,
                                             on_chunk=lambda name=name: bar.update(1, learner=name)).cpu()
-            per_task = score_by_support_size(metric, predictions[name], episode.to("cpu"), support_sizes)
+            per_task = scores[name] = score_by_support_size(metric, predictions[name], episode.to("cpu"),
+                                                            support_sizes)
             low, high = bootstrap_band(per_task, resamples=bootstrap, generator=band_generator)
             curves[name] = Curve(per_task.mean(-1).tolist(), low.tolist(), high.tolist(), learner.implicit)
     similarity = {}
@@ -237,9 +336,10 @@ def compare(
                             chance=chance_accuracy(episode) if metric.name == "accuracy" else None,
                             dimension=getattr(family, "dim", None) if episode.kind == "regression" else None,
                             kind=str(episode.kind))
-    comparison.claims = [check_claim(comparison, claim) for claim in claims]
     analysed = run_analyses(analyses, learners, episode, support_sizes, seed=analysis_seed)
     comparison.analysis, comparison.analysis_skipped = analysed.results, analysed.skipped
+    comparison.claims = [check_claim(comparison, claim, scores, resamples=bootstrap, seed=band_seed)
+                         for claim in claims]
     return comparison
 
 
@@ -251,18 +351,140 @@ def chance_accuracy(episode: Episode) -> float | None:
     return torch.bincount(labels).max().item() / labels.numel()
 
 
-def check_claim(comparison: Comparison, spec: ClaimSpec | Mapping) -> Claim:
-    """Measure one claim of a recipe (``text``, ``learner``, ``k``, and ``below``, ``above`` or ``better_than``)."""
+def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, *, resamples: int = 1000,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means of ``a`` and ``b`` ``[N]`` (per-task scores of two learners on the same tasks) over the same resamples.
+
+    Each of the ``resamples`` draws N units with replacement, the same units for both (the pairing): returns
+    the resampled means ``([resamples], [resamples])``, in float64.
+    """
+    if a.shape != b.shape or a.ndim != 1 or a.numel() == 0:
+        raise ValueError(f"paired_bootstrap needs two [N] tensors of the same N >= 1; got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    index = torch.randint(a.numel(), (resamples, a.numel()), generator=generator)
+    return a.double()[index].mean(-1), b.double()[index].mean(-1)
+
+
+def _interval(values: torch.Tensor) -> tuple[float, float]:
+    tail = (1.0 - LEVEL) / 2
+    low, high = torch.quantile(values, torch.tensor([tail, 1.0 - tail], dtype=values.dtype))
+    return low.item(), high.item()
+
+
+def _relative(a: torch.Tensor | float, b: torch.Tensor | float) -> Any:
+    """(a − b) / |b|, 0 where both are 0 (``inf``/``nan`` where only b is, which no ``within`` accepts)."""
+    if isinstance(a, torch.Tensor):
+        return torch.where((a == 0) & (b == 0), torch.zeros_like(a), (a - b) / b.abs())
+    return 0.0 if a == b == 0 else (a - b) / abs(b) if b != 0 else math.inf
+
+
+def analysis_value(analysis: Mapping[str, Any], path: str, k: int) -> float:
+    """The value at ``path`` (``<analysis>/<entry>/<measure>[/...]``) of analysis results, at support size ``k``
+    where the measure is a list over the entry's ``support_sizes``.
+
+    Raises:
+        KeyError: a part of the path the results lack, or no value at ``k``; the message names what there is.
+    """
+    parts = split_analysis_path(path)
+    node: Any = analysis
+    entry: Mapping[str, Any] = {}
+    for depth, part in enumerate(parts):
+        if not isinstance(node, Mapping) or part not in node:
+            have = sorted(node) if isinstance(node, Mapping) else []
+            where = "/".join(parts[:depth]) or "the analysis results"
+            raise KeyError(f"analysis path {path!r}: {where} has no {part!r} (has {have})")
+        node = node[part]
+        if depth == 1:
+            entry = node
+    if isinstance(node, list) and "support_sizes" in entry and len(node) == len(entry["support_sizes"]):
+        if k not in entry["support_sizes"]:
+            raise KeyError(f"analysis path {path!r} has no value at k={k} (has k in {entry['support_sizes']})")
+        node = node[entry["support_sizes"].index(k)]
+    if isinstance(node, bool) or not isinstance(node, (int, float)):
+        raise KeyError(f"analysis path {path!r} is not a number or a list over support sizes; got {node!r}")
+    return float(node)
+
+
+def _subject_value(comparison: Comparison, name: str, k: int, analysis: bool,
+                   scores: Mapping[str, torch.Tensor]) -> float:
+    if not analysis:
+        return comparison.value(name, k)
+    if name in scores:
+        return scores[name][comparison.support_sizes.index(k)].double().mean().item()
+    return analysis_value(comparison.analysis, name, k)
+
+
+def check_claim(comparison: Comparison, spec: ClaimSpec | Mapping,
+                scores: Mapping[str, torch.Tensor] | None = None, *, resamples: int = 1000,
+                seed: int = 0) -> Claim:
+    """Measure one claim of a recipe (:class:`ClaimSpec`) on ``comparison``.
+
+    ``scores`` maps learners (and, where known, analysis paths) to their per-unit scores ``[K, N]`` on the same N
+    units: per-task scores in a comparison (:func:`score_by_support_size`), per-seed means across seeds. Each
+    comparison of the claim is judged on a paired bootstrap over those units (:func:`paired_bootstrap`,
+    ``resamples`` draws from a generator seeded with ``seed`` afresh for each comparison, so every claim sees the
+    same draws whatever the others are) and its 95% percentile interval. Its record: ``test`` (``better_than``,
+    ``better_by`` or ``within``), ``against``, ``other`` (that one's mean), ``difference`` (m_A − m_B; for
+    ``within`` the relative difference (m_A − m_B) / |m_B|), ``low``/``high`` (the interval), ``threshold``
+    (δ, or the fraction f), ``ordered`` (the means alone satisfy it) and ``holds``. Where a side has no
+    per-unit scores (an analysis records only its mean over tasks) the interval is None and the means decide.
+
+    Raises:
+        KeyError: a learner, support size or analysis path the comparison lacks; the message names the claim.
+    """
     claim = Claim(**(asdict(spec) if isinstance(spec, ClaimSpec) else dict(spec)))
-    claim.measured = comparison.value(claim.learner, claim.k)
-    claim.others = {other: comparison.value(other, claim.k) for other in claim.better_than}
-    sign = 1 if comparison.lower_is_better else -1
-    claim.holds = (
-        (claim.below is None or claim.measured < claim.below)
-        and (claim.above is None or claim.measured > claim.above)
-        and all(sign * claim.measured < sign * value for value in claim.others.values())
-    )
+    scores = scores or {}
+    is_analysis = bool(claim.analysis)
+    try:
+        claim.measured = _subject_value(comparison, claim.subject, claim.k, is_analysis, scores)
+        claim.others = {other: _subject_value(comparison, other, claim.k, is_analysis, scores)
+                        for other in claim.better_than}
+        tests = [("better_than", other, 0.0) for other in claim.better_than]
+        if claim.better_by is not None:
+            tests.append(("better_by", claim.relative_to, float(claim.better_by)))
+        if claim.within is not None:
+            tests.append(("within", claim.relative_to, float(claim.within)))
+        lower = claim.direction == "lower" if is_analysis else comparison.lower_is_better
+        claim.comparisons = [
+            _judge(test, other, threshold, claim, lower, comparison, scores, resamples, seed, is_analysis)
+            for test, other, threshold in tests]
+    except KeyError as error:
+        raise KeyError(f"claim {claim.text or claim.subject!r}: {error.args[0]}") from error
+    bounds = ((claim.below is None or claim.measured < claim.below)
+              and (claim.above is None or claim.measured > claim.above))
+    if not bounds or not all(c["ordered"] for c in claim.comparisons):
+        claim.verdict = "does not hold"
+    elif not all(c["holds"] for c in claim.comparisons):
+        claim.verdict = "not significant"
+    else:
+        claim.verdict = "holds"
+    claim.holds = claim.verdict == "holds"
     return claim
+
+
+def _judge(test: str, other: str, threshold: float, claim: Claim, lower: bool, comparison: Comparison,
+           scores: Mapping[str, torch.Tensor], resamples: int, seed: int, is_analysis: bool) -> dict[str, Any]:
+    """One comparison of a claim's subject with ``other`` (see :func:`check_claim`)."""
+    mine = claim.measured
+    theirs = _subject_value(comparison, other, claim.k, is_analysis, scores)
+    relative = test == "within"
+    difference = _relative(mine, theirs) if relative else mine - theirs
+    low = high = None
+    if claim.subject in scores and other in scores:
+        i = comparison.support_sizes.index(claim.k)
+        a, b = paired_bootstrap(scores[claim.subject][i], scores[other][i], resamples=resamples,
+                                generator=torch.Generator().manual_seed(seed))
+        low, high = _interval(_relative(a, b) if relative else a - b)
+
+    def satisfied(lo: float, hi: float) -> bool:
+        if relative:
+            return -threshold <= lo and hi <= threshold
+        return hi < -threshold if lower else lo > threshold
+
+    ordered = satisfied(difference, difference)
+    return {"test": test, "against": other, "other": theirs, "difference": difference, "low": low, "high": high,
+            "threshold": threshold, "ordered": ordered,
+            "holds": ordered and (low is None or satisfied(low, high))}
 
 
 # ---------------------------------------------------------------------- reporting
@@ -332,18 +554,42 @@ def _tables(comparison: Comparison, columns: Sequence[int]) -> list[str]:
 
 
 def _claim_lines(comparison: Comparison) -> list[tuple[str, str]]:
-    """Each claim as its text and its measurement (``ls at k=3: measured 0.0000 (expected < 1e-05) -> holds``)."""
-    lines = []
-    for claim in comparison.claims:
-        better = "<" if comparison.lower_is_better else ">"
-        bound = " and ".join(
-            [f"{op} {v:g}" for op, v in (("<", claim.below), (">", claim.above)) if v is not None]
-            + [f"{better} {other}'s {value:.4f}" for other, value in claim.others.items()]
-        )
-        verdict = "holds" if claim.holds else "DOES NOT HOLD"
-        lines.append((claim.text, f"{claim.learner} at k={claim.k}: measured {claim.measured:.4f} "
-                                  f"(expected {bound}) -> {verdict}"))
-    return lines
+    """Each claim as its text and its measurement (``ls at k=3: measured 0.0000 (expected < 1e-05) -> holds``;
+    a comparison adds its difference and paired-bootstrap interval, ``-> not significant (difference 0.035, 95%
+    interval [-0.01, 0.08])``)."""
+    return [(claim.text, claim_line(claim, comparison.lower_is_better)) for claim in comparison.claims]
+
+
+def claim_line(claim: Claim | Mapping[str, Any], lower_is_better: bool) -> str:
+    """One claim's measurement and verdict, from a :class:`Claim` or its ``results.json`` record (older records
+    without comparisons read as before: ``better_than`` by the means)."""
+    record = asdict(claim) if isinstance(claim, Claim) else dict(claim)
+    analysis = record.get("analysis") or ""
+    lower = record.get("direction") == "lower" if analysis else lower_is_better
+    better = "<" if lower else ">"
+    comparisons = record.get("comparisons") or []
+    tests = {c["test"]: c for c in comparisons}
+    bound = [f"{op} {v:g}" for op, v in (("<", record.get("below")), (">", record.get("above"))) if v is not None]
+    bound += [f"{better} {other}'s {value:.4f}" for other, value in (record.get("others") or {}).items()]
+    if "better_by" in tests:
+        c = tests["better_by"]
+        bound.append(f"{better} {c['against']}'s {c['other']:.4f} by more than {c['threshold']:g}")
+    if "within" in tests:
+        c = tests["within"]
+        bound.append(f"within {c['threshold']:.0%} of {c['against']}'s {c['other']:.4f}")
+    verdict = record.get("verdict") or ("holds" if record.get("holds") else "does not hold")
+    line = (f"{analysis or record.get('learner')} at k={record.get('k')}: measured {record.get('measured'):.4f} "
+            f"(expected {' and '.join(bound)}) -> {'DOES NOT HOLD' if verdict == 'does not hold' else verdict}")
+    details = [_comparison_detail(c, len(comparisons) > 1) for c in comparisons]
+    return f"{line} ({'; '.join(details)})" if details else line
+
+
+def _comparison_detail(c: Mapping[str, Any], named: bool) -> str:
+    what = "relative difference" if c["test"] == "within" else "difference"
+    interval = ("means only: no per-task values" if c.get("low") is None
+                else f"{LEVEL:.0%} interval [{c['low']:.3g}, {c['high']:.3g}]")
+    prefix = f"vs {c['against']}: " if named else ""
+    return f"{prefix}{what} {c['difference']:.3g}, {interval}"
 
 
 def format_table(comparison: Comparison, width: int | None = None) -> str:

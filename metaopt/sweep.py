@@ -298,7 +298,7 @@ def wandb_config(plan: SweepPlan, *, method: str = "grid", metric: str | None = 
                  goal: str | None = None) -> dict[str, Any]:
     """The W&B sweep configuration of a plan: ``wandb agent`` runs ``metaopt run RECIPE <fixed> key=value...``.
 
-    ``metric`` defaults to the first claim's learner (else the first learner) at the largest support size, as
+    ``metric`` defaults to the learner of the first claim about one (else the first learner) at the largest k, as
     the run's summary names it (``compare/<learner>/<metric>@k=<k>``); ``goal`` to the metric's direction.
     """
     from metaopt.pipelines import load
@@ -341,7 +341,7 @@ def _default_metric(config) -> tuple[str, bool]:
     from metaopt.tasks.base import TaskFamily
 
     family = build_instance(config.task, "task", TaskFamily)
-    learner = config.claims[0].learner if config.claims else next(iter(config.learners))
+    learner = next((claim.learner for claim in config.claims if claim.get("learner")), next(iter(config.learners)))
     k = max(config.compare.support_sizes)
     return f"compare/{learner}/{family.metric.name}@k={k}", family.metric.lower_is_better
 

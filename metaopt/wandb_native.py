@@ -71,7 +71,8 @@ def _metrics(comparison: Any) -> dict[str, Any]:
             "num_tasks": comparison.num_tasks,
             "mean": {name: dict(zip(map(str, comparison.support_sizes), curve.mean))
                      for name, curve in comparison.curves.items()},
-            "claims": [{"text": c.text, "measured": c.measured, "holds": c.holds} for c in comparison.claims]}
+            "claims": [{"text": c.text, "measured": c.measured, "holds": c.holds, "verdict": c.verdict}
+                       for c in comparison.claims]}
 
 
 def log_learners(run: Run, learners: Sequence[str], comparison: Any) -> None:

@@ -162,9 +162,11 @@ def validate(config: DictConfig, source: str) -> None:
         check_spec({k: v for k, v in spec.items() if k != "train"}, f"learners.{name}", expected=Learner)
         train_settings(config, name)
     compare = settings(config.compare, CompareSettings, "compare")
+    analyses = [spec.name for spec in parse_analyses(compare.analysis)]
     for i, claim in enumerate(config.claims):
         try:
-            settings(claim, ClaimSpec, f"claims[{i}]").check_names(list(config.learners), compare.support_sizes)
+            settings(claim, ClaimSpec, f"claims[{i}]").check_names(list(config.learners), compare.support_sizes,
+                                                                   analyses)
         except ValueError as error:
             message = str(error)
             raise ConfigError(message if message.startswith(f"claims[{i}]") else f"claims[{i}].{message}") from error

@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from optimizers._checks import non_negative_float, positive_float, positive_int
-from optimizers._fused_mixture import FusedMix
 from optimizers._torch_kernels import is_plain
 from optimizers.alias import DEFAULT_BASE_LRS, DIRECTIONS
 from optimizers.base import (
@@ -210,7 +209,7 @@ class LayerwiseMixture(nn.Module):
 
     def optimizer(
         self, meta_params: Mapping[str, Tensor] | None = None, *, names: Sequence[str] | None = None,
-        missing_loss: str = "error", compile: bool = False,
+        missing_loss: str = "error",
     ) -> GradientTransformation:
         """The functional optimizer; with ``meta_params`` (from ``named_parameters``) it uses those instead.
 
@@ -223,9 +222,7 @@ class LayerwiseMixture(nn.Module):
         moving averages of the losses given so far (0 before the first), as if the step's loss were that
         estimate. ``update`` is an :class:`~optimizers.base.InPlaceUpdate`, whose in-place step
         ``as_torch_optimizer`` uses; without a graph, ``update`` itself takes the same path on a copy of the state
-        (see :meth:`_mix_`). That in-place step warns once when it goes past ``horizon``. ``compile=True`` runs the
-        in-place step as one ``torch.compile``-d pass over each tensor (:mod:`optimizers._fused_mixture`: about
-        ``torch.optim.Adam``'s time instead of 1.9x; seconds of compiling at the first step; eager if it fails).
+        (see :meth:`_mix_`). That in-place step warns once when it goes past ``horizon``.
         """
         if missing_loss not in ("error", "estimate"):
             raise ValueError(f"missing_loss must be 'error' or 'estimate'; got {missing_loss!r}")
@@ -235,7 +232,6 @@ class LayerwiseMixture(nn.Module):
         layer_of = {**self._layer_of,
                     **{k: len(self.layer_names) + i for i, ks in enumerate(extra.values()) for k in ks}}
         mapped: list[Tensor] = []  # the rows of the added layers, fixed by their shapes at the first init
-        fused = FusedMix(self._directions) if compile else None
 
         def rows(params: Params) -> Tensor | None:
             if extra and not mapped:
@@ -307,21 +303,14 @@ class LayerwiseMixture(nn.Module):
                 return state
             with torch.no_grad():
                 count, loss_ema, alpha, step = coefficients(grads, state, params, loss)
-                moving = present(grads)
-                if fused is not None and all(is_plain(t) for k in moving for t in (grads[k], targets[k])) and fused(
-                        {k: targets[k] for k in moving}, grads, state.directions,
-                        params, step, [scale[k] for k in moving], [layer_of[k] for k in moving]):
-                    directions = state.directions
-                else:
-                    directions = self._mix_(targets, grads, state.directions, params, loss, step, scale, workspace,
-                                            layer_of)
+                directions = self._mix_(targets, grads, state.directions, params, loss, step, scale, workspace,
+                                        layer_of)
             self._warn_past_horizon(count)
             return LayerwiseMixtureState(count, loss_ema, directions, alpha)
 
         return GradientTransformation(
             init, InPlaceUpdate(update, apply_),
-            Hyperparameters(self.optimizer, {"meta_params": meta_params, "names": names, "missing_loss": missing_loss,
-                                             "compile": compile}),
+            Hyperparameters(self.optimizer, {"meta_params": meta_params, "names": names, "missing_loss": missing_loss}),
         )
 
     def _warn_past_horizon(self, count: Tensor) -> None:

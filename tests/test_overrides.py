@@ -50,11 +50,11 @@ def test_only_train_overrides_imply_others():
 
 
 def test_the_curriculum_says_when_the_steps_are_too_few():
-    quickstart = train_settings(load("quickstart", ["train.steps=200"]), "transformer")
+    quickstart = train_settings(load("quickstart", ["train.steps=150"]), "transformer")
     (problem,) = quickstart.unfinished_curriculum()
     assert "curriculum.dims to reach 5" in problem and "at 1 when training ends" in problem
-    assert "train.steps >= 1001" in problem and "train.curriculum.dims.every <= 49" in problem
-    assert train_settings(load("quickstart", ["train.steps=1001"]), "transformer").unfinished_curriculum() == []
+    assert "train.steps >= 721" in problem and "train.curriculum.dims.every <= 37" in problem
+    assert train_settings(load("quickstart", ["train.steps=721"]), "transformer").unfinished_curriculum() == []
     assert train_settings(load("quickstart"), "transformer").unfinished_curriculum() == []
     support = TrainSettings(steps=3, support=8, curriculum={"support": {"start": 2, "end": 8, "increment": 2,
                                                                         "every": 5}})

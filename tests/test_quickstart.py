@@ -1,4 +1,4 @@
-"""The README's main job end to end (slow: about 5 minutes on 2 cores; `make test-all` runs it)."""
+"""The README's main job end to end (slow: about 3 minutes on one core; `make test-all` runs it)."""
 
 import json
 

@@ -35,6 +35,7 @@ OPTIMIZER_TINY = [
     "wandb.mode=disabled", "threads=1", "environment.horizon=4", "environment.pretrain_steps=5",
     "environment.hidden=[8]", "meta_train.steps=2", "meta_train.estimator.pairs=1", "evaluation.seeds=1",
     "tuning.seeds=1", "baselines.sgd.lrs=[0.1,1.0]", "baselines.momentum.lrs=[0.1]", "baselines.adam.lrs=[0.01,0.1]",
+    "baselines.adam_cosine.lrs=[0.01,0.1]",
 ]
 """A run of the ``optimizer`` pipeline (recipes/specialized_optimizer.yaml) in about a second."""
 

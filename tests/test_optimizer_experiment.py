@@ -27,19 +27,28 @@ def test_tiny_run_writes_results_and_figures(tmp_path, capsys):
     assert cli_main(["run", RECIPE, f"output_dir={tmp_path}", *TINY]) == 0
     (run_dir,) = (tmp_path / "specialized_optimizer").iterdir()
     results = json.loads((run_dir / "results.json").read_text())
-    assert {p.name for p in (run_dir / "figures").iterdir()} == {"loss_curves.png", "coefficients.png"}
-    names = {"layerwise_mixture", "per_parameter_mlp"}  # final weights, and the meta-training checkpoints
+    assert {p.name for p in (run_dir / "figures").iterdir()} == {
+        "loss_curves.png", "coefficients.png", "coefficients_layerwise_mixture_uniform.png"}
+    names = {"layerwise_mixture", "layerwise_mixture_uniform", "per_parameter_mlp"}  # weights, and checkpoints
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == names | {f"{n}.pt" for n in names}
     assert set(results["evaluation"]) == {"seen", "new_init", "unseen_wine"}
     seen_t = results["evaluation"]["seen"]["T"]
     assert seen_t["steps"] == 4 and results["evaluation"]["seen"]["2T"]["steps"] == 8
-    assert set(seen_t["optimizers"]) == {"sgd", "momentum", "adam", "layerwise_mixture", "per_parameter_mlp"}
+    assert set(seen_t["optimizers"]) == {"sgd", "momentum", "adam", "adam_cosine", *names}
     adam = seen_t["optimizers"]["adam"]
     assert results["reference"] == "adam"
     assert adam["final_loss"] == seen_t["reference_final_loss"] and adam["steps_to_reference_final"] <= 4
     assert results["tuned_learning_rates"]["adam"]["best"] in (0.01, 0.1)
     assert len(results["curves"]["seen"]["layerwise_mixture"]) == 9
-    assert "steps to adam" in capsys.readouterr().out
+    best = seen_t["best_baseline"]
+    assert seen_t["best_baseline_final_loss"] == min(seen_t["optimizers"][b]["final_loss"]
+                                                     for b in ("sgd", "momentum", "adam", "adam_cosine"))
+    assert seen_t["optimizers"][best]["steps_to_best_baseline_final"] <= 4
+    cosine = results["scheduled_curves"]["seen"]["adam_cosine"]  # one run per horizon, its schedule spanning it
+    assert len(cosine["T"]) == 5 and cosine["2T"] == results["curves"]["seen"]["adam_cosine"]
+    assert seen_t["optimizers"]["adam_cosine"]["final_loss"] == cosine["T"][4]
+    out = capsys.readouterr().out
+    assert "steps to adam" in out and "steps to best*" in out and f"{best}*" in out
 
 
 def test_learning_rate_grid_picks_the_best_rate():
@@ -94,7 +103,9 @@ def test_bundled_recipe_loads_its_targets():
     experiment = build(config)
     assert list(experiment.environments) == ["seen", "new_init", "unseen_wine"]
     assert experiment.baselines["momentum"](0.1).init  # a partial optimizer: the learning rate comes last
-    assert set(experiment.learned) == {"layerwise_mixture", "per_parameter_mlp"}
+    assert set(experiment.learned) == {"layerwise_mixture", "layerwise_mixture_uniform", "per_parameter_mlp"}
+    assert experiment.schedules == {"sgd": "constant", "momentum": "constant", "adam": "constant",
+                                    "adam_cosine": "cosine"}
 
 
 def test_a_learned_optimizer_of_the_users_own_is_meta_trained(tmp_path):
@@ -104,7 +115,8 @@ def test_a_learned_optimizer_of_the_users_own_is_meta_trained(tmp_path):
                      "learned.small_mlp={_target_: optimizers.PerParameterMLP, hidden: 4}"]) == 0
     (run_dir,) = (out / "specialized_optimizer").iterdir()
     results = json.loads((run_dir / "results.json").read_text())
-    assert set(results["meta_training"]) == {"layerwise_mixture", "per_parameter_mlp", "small_mlp"}
+    assert set(results["meta_training"]) == {"layerwise_mixture", "layerwise_mixture_uniform", "per_parameter_mlp",
+                                             "small_mlp"}
     assert (run_dir / "checkpoints" / "small_mlp.pt").exists()
     assert "small_mlp" in results["evaluation"]["unseen_wine"]["2T"]["optimizers"]
 

@@ -80,7 +80,7 @@ def test_the_optimizer_pipeline_shows_each_stage_and_its_run_folder(tmp_path, ca
         result = run("specialized_optimizer", [*OPTIMIZER_TINY, "progress=true", f"output_dir={tmp_path}"])
     messages = [record.getMessage() for record in caplog.records]
     assert messages[0] == f"run folder: {result.path}"
-    for stage in ("tune baselines: 5 runs in", "meta-train layerwise_mixture: 2 meta-steps in", "evaluate: "):
+    for stage in ("tune baselines: 7 runs in", "meta-train layerwise_mixture: 2 meta-steps in", "evaluate: "):
         assert any(message.startswith(stage) for message in messages), stage
     assert result.report.endswith(f"run:     {result.path}")
 

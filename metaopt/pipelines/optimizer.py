@@ -5,23 +5,29 @@ Where the ``episodes`` pipeline trains learners on episodes and compares them, t
 recipe: the environments (:mod:`metaopt.environments`, or any callable returning an
 :class:`optimizers.Environment`, e.g. a user's ``make_env`` calling ``Environment.from_module``; an
 ``environment: {_target_: ...}`` entry is the environment meta-trained on, ahead of any ``environments``), the
-hand-designed baselines (partial optimizers whose learning rate is grid-tuned), the learned optimizers (any ``nn.Module`` with an ``.optimizer`` factory, e.g.
+hand-designed baselines (partial optimizers whose learning rate is grid-tuned, held constant or, with
+``schedule: cosine``, decayed along a cosine), the learned optimizers (any ``nn.Module`` with an ``.optimizer``
+factory, e.g.
 :class:`optimizers.LayerwiseMixture`) and the meta-gradient estimator.
 
 1. build the environments; the first one is where baselines are tuned and optimizers meta-trained, and its
    ``horizon`` is T;
 2. tune each baseline's learning rate by grid search on the first environment at T;
 3. build each learned optimizer (given ``layers`` — one per module, :func:`optimizers.layer_groups` — their
-   ``layer_kinds``, ``horizon`` and the tuned rates as ``base_lrs`` when it takes them) and meta-train it with
-   the estimator and budget of ``meta_train``;
+   ``layer_kinds``, ``horizon`` and the constant baselines' tuned rates as ``base_lrs`` when it takes them) and
+   meta-train it with the estimator and budget of ``meta_train``;
 4. evaluate every optimizer on every environment for ``horizon_factor`` × T steps, averaged over fresh seeds,
-   and count the steps each needs to reach the reference baseline's final loss at T and at ``horizon_factor`` × T;
+   and count the steps each needs to reach, at T and at ``horizon_factor`` × T, the reference baseline's final
+   loss and the strongest baseline's (the one with the lowest final loss in that environment at that horizon);
 5. write ``results.json``, the loss curves and the per-layer coefficient heat-map (``figures/*.png``), the
    meta-trained optimizers (``checkpoints/*.pt``; ``optimizers/*.pt``, each one self-contained file that
    ``optimizers.load`` takes) and everything to W&B through :class:`metaopt.log.Run`.
 
-Learning rates are constant, so the first ``T`` steps of a ``2T`` run are the ``T``-step run: one run of ``2T``
-steps gives both horizons. Seeds come from the run's :class:`metaopt.seeds.SeedPlan`.
+A constant learning rate makes the first ``T`` steps of a ``2T`` run the ``T``-step run, so one run of ``2T``
+steps gives both horizons. A cosine schedule decays over the length of the run it is given (see
+:func:`baseline_optimizer`): it is tuned with decay over T, and evaluated by one run per horizon, decaying over
+T for the results at T and over ``horizon_factor`` × T for those at that horizon; past the end of its decay it
+would stay at 0, so no run goes past it. Seeds come from the run's :class:`metaopt.seeds.SeedPlan`.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from torch import nn
 
 import optimizers as O
 from metaopt import checkpoints, distributed, plotting, wandb_native
-from metaopt.checks import positive_float, positive_int, sequence_of
+from metaopt.checks import one_of, positive_float, positive_int, sequence_of
 from metaopt.config import (
     CommonSettings, ConfigError, build_instance, check_spec, import_target, instantiate, plain, settings,
 )
@@ -59,6 +65,8 @@ __all__ = [
     "MetaTrainSettings",
     "OptimizerExperiment",
     "OptimizerRecipe",
+    "SCHEDULES",
+    "baseline_optimizer",
     "build",
     "execute",
     "format_table",
@@ -75,19 +83,26 @@ RUNTIME_ARGUMENTS = ("layers", "layer_kinds", "horizon", "base_lrs")
 layers (one per module) and their kinds, its horizon T, and the tuned baseline learning rates
 (``meta_train.tuned_base_lrs``)."""
 
+SCHEDULES = ("constant", "cosine")
+"""A baseline's learning-rate schedule (``baselines.NAME.schedule``): the tuned rate held constant, or decayed
+from it to 0 along a cosine over the run (:func:`baseline_optimizer`)."""
+
 
 # ---------------------------------------------------------------------- the recipe's schema
 @dataclass
 class BaselineSettings:
-    """A hand-designed optimizer (a ``_partial_`` ``_target_`` taking the learning rate first) and its grid."""
+    """A hand-designed optimizer (a ``_partial_`` ``_target_`` taking the learning rate first), its grid, and
+    the schedule of its learning rate (one of :data:`SCHEDULES`)."""
 
     optimizer: dict[str, Any] = field(default_factory=dict)
     lrs: list[float] = field(default_factory=list)
+    schedule: str = "constant"
 
     def __post_init__(self) -> None:
         if not self.lrs:
             raise ValueError("lrs must be a non-empty list of learning rates > 0; got []")
         sequence_of("lrs", self.lrs, positive_float, owner=type(self).__name__)
+        one_of("schedule", self.schedule, SCHEDULES, owner=type(self).__name__)
 
 
 @dataclass
@@ -161,6 +176,7 @@ class OptimizerExperiment:
     estimator: Callable[[], O.GradientEstimator]  # a fresh estimator per learned optimizer (PES keeps state)
     meta_train: MetaTrainSettings
     evaluation: EvaluationSettings
+    schedules: dict[str, str] = field(default_factory=dict)  # baseline -> one of SCHEDULES (absent: constant)
 
     @property
     def seeds(self) -> SeedPlan:
@@ -236,20 +252,39 @@ def build(config: DictConfig) -> OptimizerExperiment:
     """The environments, the baselines' factories and the estimator; learned optimizers stay specs until tuned."""
     environments = {name: build_instance(spec, f"environments.{name}", Environment)
                     for name, spec in _environment_specs(config).items()}
-    baselines, grids = {}, {}
+    baselines, grids, schedules = {}, {}, {}
     for name, spec in config.baselines.items():
         baseline = settings(spec, BaselineSettings, f"baselines.{name}")
         baselines[name] = instantiate({**baseline.optimizer, "_partial_": True}, f"baselines.{name}.optimizer")
         grids[name] = [float(lr) for lr in baseline.lrs]
+        schedules[name] = baseline.schedule
     meta_train = settings(config.meta_train, MetaTrainSettings, "meta_train")
     estimator = instantiate({**meta_train.estimator, "_partial_": True}, "meta_train.estimator")
     tuning = settings(config.tuning, TuningSettings, "tuning")
     return OptimizerExperiment(config, environments, baselines, grids, tuning,
                                {name: plain(spec) for name, spec in config.learned.items()}, estimator, meta_train,
-                               settings(config.evaluation, EvaluationSettings, "evaluation"))
+                               settings(config.evaluation, EvaluationSettings, "evaluation"), schedules)
 
 
 # ---------------------------------------------------------------------- pieces
+def baseline_optimizer(make: Callable[..., O.GradientTransformation], schedule: str, lr: float,
+                       steps: int) -> O.GradientTransformation:
+    """The baseline ``make`` at learning rate ``lr`` for a run of ``steps`` updates.
+
+    ``constant``: ``lr`` at every update. ``cosine``: ``lr_t = lr · (1 + cos(π t / steps)) / 2`` at update
+    ``t = 0 … steps - 1`` (:func:`optimizers.cosine_decay_schedule`; it reaches 0 at ``t = steps``, the update
+    after the last, and would stay at 0 past it), so a run decays over exactly its own length.
+
+    Raises:
+        ValueError: ``schedule`` is not one of :data:`SCHEDULES`.
+    """
+    if schedule == "constant":
+        return make(lr)
+    if schedule == "cosine":
+        return make(O.cosine_decay_schedule(lr, steps))
+    raise ValueError(f"schedule must be one of {list(SCHEDULES)}; got {schedule!r}")
+
+
 @dataclass(frozen=True)
 class LrSearch:
     """The result of :func:`tune_learning_rate`."""
@@ -394,12 +429,16 @@ def _layer_labels(environment: Environment, layers: Sequence[str]) -> list[str]:
 
 
 def _plot_curves(curves: dict[str, dict[str, torch.Tensor]], targets: dict[str, float], horizon: int,
-                 reference: str, learned: Sequence[str], seeds: int, title: str):
-    """Training loss vs step per environment: learned optimizers solid, tuned baselines dashed."""
+                 reference: str, learned: Sequence[str], seeds: int, title: str,
+                 short: dict[str, dict[str, torch.Tensor]] | None = None):
+    """Training loss vs step per environment: learned optimizers solid, tuned baselines dashed; ``short`` adds,
+    per environment, the T-step runs of scheduled baselines (their schedule spanning T, not the whole run)."""
     fig, axes = plotting.new_figure(len(curves), panel=(5.2, 4.0))
     for ax, (env_name, by_optimizer) in zip(axes, curves.items()):
         series = [plotting.Series(name, list(range(len(curve))), curve.tolist(), implicit=name in learned)
                   for name, curve in by_optimizer.items()]
+        series += [plotting.Series(f"{name} (schedule over T)", list(range(len(curve))), curve.tolist(),
+                                   implicit=False) for name, curve in (short or {}).get(env_name, {}).items()]
         plotting.plot_series(ax, series, yscale="auto", integer_x=True, include=[targets[env_name]])
         plotting.reference_line(ax, x=horizon, label=f"horizon T = {horizon} (meta-training unroll)")
         plotting.reference_line(ax, y=targets[env_name], label=f"tuned {reference}'s loss at T", style="--")
@@ -453,16 +492,20 @@ def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False, 
     # 1. tuned baselines on the first environment at T
     tune_seeds = [seeds.baseline_tuning(i) for i in range(experiment.tuning.seeds)]
     runs = sum(len(grid) for grid in experiment.grids.values()) * len(tune_seeds)
+    schedules = {name: experiment.schedules.get(name, "constant") for name in experiment.baselines}
     with Progress(runs, "tune baselines", enabled=shown, unit="run") as bar:
-        searches = {name: tune_learning_rate(first, make, experiment.grids[name], steps=horizon, seeds=tune_seeds,
+        searches = {name: tune_learning_rate(first, lambda lr, make=make, name=name: baseline_optimizer(
+                                                 make, schedules[name], lr, horizon),
+                                             experiment.grids[name], steps=horizon, seeds=tune_seeds,
                                              on_curve=lambda name=name: bar.update(1, baseline=name))
                     for name, make in experiment.baselines.items()}
     for name, search in searches.items():
         logger.info("tuned %s: lr=%g (grid scores %s)", name, search.best, search.scores)
     run.summary({f"tuned_lr/{name}": search.best for name, search in searches.items()})
 
-    # 2. meta-training (with tuned base rates, α = 1 on Adam starts the mixture at tuned Adam)
-    tuned = {name: s.best for name, s in searches.items()} if m.tuned_base_lrs else None
+    # 2. meta-training (with the constant baselines' tuned rates, α = 1 on Adam starts the mixture at tuned Adam)
+    tuned = ({name: s.best for name, s in searches.items() if schedules[name] == "constant"} if m.tuned_base_lrs
+             else None)
     learned = {name: _build_learned(name, spec, first, tuned) for name, spec in experiment.learned.items()}
     meta_results = {}
     if not train:
@@ -490,27 +533,40 @@ def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False, 
             checkpoints.save(module.state_dict(), run.checkpoint_dir / f"{name}.pt")
         logger.info("meta-trained %s: meta-loss %.4f -> %.4f", name, losses[0], losses[-1])
 
-    # 3. evaluation: every optimizer on every environment for `long` steps, mean over fresh seeds
-    factories: dict[str, OptimizerFactory] = {
-        **{name: (lambda _, make=make, lr=searches[name].best: make(lr))
-           for name, make in experiment.baselines.items()},
-        **{name: module.optimizer for name, module in learned.items()},
-    }
+    # 3. evaluation: every optimizer on every environment for `long` steps, mean over fresh seeds; a scheduled
+    #    baseline once per horizon, its schedule spanning that run
+    horizons = {"T": horizon, f"{ev.horizon_factor}T": long}
+
+    def factory(name: str, steps: int) -> OptimizerFactory:
+        if name in learned:
+            return learned[name].optimizer
+        make, lr = experiment.baselines[name], searches[name].best
+        return lambda _: baseline_optimizer(make, schedules[name], lr, steps)
+
+    lengths = {name: sorted(set(horizons.values())) if schedules.get(name, "constant") != "constant" else [long]
+               for name in [*experiment.baselines, *learned]}
     eval_seeds = [seeds.evaluation(i) for i in range(ev.seeds)]
     curves: dict[str, dict[str, torch.Tensor]] = {}
+    scheduled_curves: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     evaluation: dict[str, Any] = {}
-    with torch.no_grad(), Progress(len(environments) * len(factories) * len(eval_seeds), "evaluate",
-                                   enabled=shown, unit="run") as bar:
+    total = len(environments) * sum(len(steps) for steps in lengths.values()) * len(eval_seeds)
+    with torch.no_grad(), Progress(total, "evaluate", enabled=shown, unit="run") as bar:
         for env_name, env in environments.items():
-            curves[env_name] = {}
-            for name, factory in factories.items():
-                runs = []
-                for s in eval_seeds:
-                    runs.append(env.curve(factory, None, long, generator(s)))
-                    bar.update(1, environment=env_name)
-                curves[env_name][name] = torch.stack(runs).mean(0)
-            evaluation[env_name] = _horizon_results(curves[env_name], {"T": horizon, f"{ev.horizon_factor}T": long},
-                                                    reference)
+            by_length: dict[str, dict[int, torch.Tensor]] = {}
+            for name, steps_list in lengths.items():
+                by_length[name] = {}
+                for steps in steps_list:
+                    runs = []
+                    for s in eval_seeds:
+                        runs.append(env.curve(factory(name, steps), None, steps, generator(s)))
+                        bar.update(1, environment=env_name)
+                    by_length[name][steps] = torch.stack(runs).mean(0)
+            curves[env_name] = {name: runs[long] for name, runs in by_length.items()}
+            scheduled_curves[env_name] = {name: {label: runs[steps] for label, steps in horizons.items()}
+                                          for name, runs in by_length.items() if len(runs) > 1}
+            per_horizon = {label: {name: runs.get(steps, runs[long]) for name, runs in by_length.items()}
+                           for label, steps in horizons.items()}
+            evaluation[env_name] = _horizon_results(per_horizon, horizons, reference, list(experiment.baselines))
 
     # 4. figures and results
     for name, module in learned.items():
@@ -521,8 +577,10 @@ def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False, 
             figure_name = "coefficients" if len(learned) == 1 or name == "layerwise_mixture" else f"coefficients_{name}"
             run.save_figure(_plot_coefficients(torch.stack(alphas).float(), _layer_labels(first, module.layer_names),
                                                module.direction_names, horizon, name), figure_name)
-    run.save_figure(_plot_curves(curves, {k: float(v[reference][horizon]) for k, v in curves.items()}, horizon,
-                                 reference, list(learned), ev.seeds, experiment.config.name), "loss_curves")
+    run.save_figure(_plot_curves(curves, {k: v["T"]["reference_final_loss"] for k, v in evaluation.items()}, horizon,
+                                 reference, list(learned), ev.seeds, experiment.config.name,
+                                 {env: {name: by["T"] for name, by in rows.items()}
+                                  for env, rows in scheduled_curves.items()}), "loss_curves")
     results = {
         "horizon": horizon,
         "reference": reference,
@@ -530,14 +588,17 @@ def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False, 
         "meta_training": meta_results,
         "evaluation": evaluation,
         "curves": {env: {name: c.tolist() for name, c in by.items()} for env, by in curves.items()},
+        "scheduled_curves": {env: {name: {label: c.tolist() for label, c in by.items()} for name, by in rows.items()}
+                             for env, rows in scheduled_curves.items() if rows},
     }
     run.save_json(results, "results")
     if train and run.writes:
         _save_learned_files(run, learned, results)
     wandb_native.log_optimizers(run, meta_results)
-    run.summary({f"{env}/{h}/{name}/steps_to_reference_final": r["steps_to_reference_final"]
+    run.summary({f"{env}/{h}/{name}/{key}": r[key]
                  for env, by_h in evaluation.items() for h, rows in by_h.items()
-                 for name, r in rows["optimizers"].items()})
+                 for name, r in rows["optimizers"].items()
+                 for key in ("steps_to_reference_final", "steps_to_best_baseline_final")})
     return results, (f"{format_table(results)}\n\nresults: {run.path / 'results.json'}\nfigures: {run.figure_dir}\n"
                      f"run:     {run.path}")
 
@@ -550,6 +611,8 @@ def _save_learned_files(run: Run, learned: dict[str, nn.Module], results: dict[s
         if type(module) not in O.saving.CLASSES.values():  # a class of the user's own: its checkpoint only
             continue
         evaluation = {env: {h: {"steps": rows["steps"], "reference_final_loss": rows["reference_final_loss"],
+                                "best_baseline": rows["best_baseline"],
+                                "best_baseline_final_loss": rows["best_baseline_final_loss"],
                                 **rows["optimizers"][name]} for h, rows in by_h.items()}
                       for env, by_h in results["evaluation"].items()}
         metrics = {"reference": results["reference"], "meta_training": results["meta_training"][name],
@@ -576,28 +639,48 @@ def _load_meta_trained(learned: dict[str, nn.Module], trained: Path) -> dict[str
     return json.loads(results.read_text()).get("meta_training", {}) if results.is_file() else {}
 
 
-def _horizon_results(curves: dict[str, torch.Tensor], horizons: dict[str, int], reference: str) -> dict[str, Any]:
-    """Per horizon: the reference's final loss, and each optimizer's final loss and steps to reach it."""
+def _horizon_results(curves: dict[str, dict[str, torch.Tensor]], horizons: dict[str, int], reference: str,
+                     baselines: Sequence[str]) -> dict[str, Any]:
+    """Per horizon (``curves[label][optimizer]``, at least ``horizons[label] + 1`` long): the reference's final
+    loss, the strongest of ``baselines`` (the lowest final loss) and its final loss, and each optimizer's final
+    loss and steps to reach each of the two."""
     out = {}
     for label, steps in horizons.items():
-        target = float(curves[reference][steps])
-        reference_steps = steps_to_reach(curves[reference][: steps + 1], target)
+        by_name = curves[label]
+        target = float(by_name[reference][steps])
+        reference_steps = steps_to_reach(by_name[reference][: steps + 1], target)
+        best = min(baselines, key=lambda name: _finite_or_inf(float(by_name[name][steps])))
+        best_target = float(by_name[best][steps])
         rows = {}
-        for name, curve in curves.items():
+        for name, curve in by_name.items():
             reached = steps_to_reach(curve[: steps + 1], target)
             rows[name] = {"final_loss": float(curve[steps]), "steps_to_reference_final": reached,
-                          "speedup_vs_reference": None if reached is None else reference_steps / max(reached, 1)}
-        out[label] = {"steps": steps, "reference_final_loss": target, "optimizers": rows}
+                          "speedup_vs_reference": None if reached is None else reference_steps / max(reached, 1),
+                          "steps_to_best_baseline_final": steps_to_reach(curve[: steps + 1], best_target)}
+        out[label] = {"steps": steps, "reference_final_loss": target, "best_baseline": best,
+                      "best_baseline_final_loss": best_target, "optimizers": rows}
     return out
 
 
+def _finite_or_inf(value: float) -> float:
+    return value if math.isfinite(value) else math.inf
+
+
 def format_table(results: dict[str, Any]) -> str:
-    """A plain-text table: final loss and steps to the tuned reference's final loss, per environment and horizon."""
+    """A plain-text table: final loss and steps to the tuned reference's and to the strongest baseline's final
+    loss (that baseline marked ``*``), per environment and horizon."""
     reach = f"steps to {results['reference']}"
-    lines = [f"{'environment':<22}{'horizon':<9}{'optimizer':<20}{'final loss':>12}{reach:>15}"]
+    lines = [f"{'environment':<22}{'horizon':<9}{'optimizer':<28}{'final loss':>12}{reach:>15}{'steps to best*':>16}"]
+
+    def steps(value: int | None) -> str:
+        return "never" if value is None else str(value)
+
     for env, by_h in results["evaluation"].items():
         for label, rows in by_h.items():
             for name, row in rows["optimizers"].items():
-                reached = "never" if row["steps_to_reference_final"] is None else str(row["steps_to_reference_final"])
-                lines.append(f"{env:<22}{label:<9}{name:<20}{row['final_loss']:>12.4f}{reached:>15}")
+                shown = f"{name}*" if name == rows.get("best_baseline") else name
+                best = steps(row["steps_to_best_baseline_final"]) if "steps_to_best_baseline_final" in row else "-"
+                lines.append(f"{env:<22}{label:<9}{shown:<28}{row['final_loss']:>12.4f}"
+                             f"{steps(row['steps_to_reference_final']):>15}{best:>16}")
+    lines.append("* the strongest baseline: the lowest final loss in that environment at that horizon")
     return "\n".join(lines)

@@ -292,25 +292,59 @@ def test_mesa_from_ridge_equals_ridge_at_every_support_size(make_episode):
 
 
 # ---------------------------------------------------------------------- momentum attention
-def test_momentum_attention_adds_decayed_earlier_values():
-    torch.manual_seed(0)
-    attn = MomentumAttention(8, 2, momentum=0.8)
-    h = torch.randn(3, 6, 8)
-    mask = torch.ones(6, 6, dtype=torch.bool).tril()
+def _momentum_attention_by_loops(attn, h, mask, eta, normalize):
+    """Dai et al.'s momentum attention one row, head and task at a time, from the layer's projections.
+
+    Row t attends (softmax of scaled dot products) to the tokens its mask allows, then adds
+    ``Σ η^{r} v_j`` over the other tokens it may see, r = 1 for the nearest of them, 2 for the next, ...
+    (divided by ``Σ η^{r}`` when ``normalize``), per head, before the output projection.
+    """
     B, L, C = h.shape
-    q, k, v = (t.view(B, L, 2, 4).transpose(1, 2) for t in attn.qkv(h).split(C, dim=2))
-    scores = (q @ k.transpose(-1, -2) / 2.0).masked_fill(~mask, float("-inf")).softmax(-1)
-    expected = scores @ v
-    for t in range(L):
-        for i in range(t):
-            expected[:, :, t] += 0.8 ** (t - i) * v[:, :, i]
-    expected = attn.proj(expected.transpose(1, 2).reshape(B, L, C))
-    torch.testing.assert_close(attn(h, mask), expected, rtol=1e-5, atol=1e-5)
+    H = attn.n_head
+    c = C // H
+    q, k, v = attn.qkv(h).split(C, dim=2)
+    out = torch.zeros(B, L, C, dtype=h.dtype)
+    for b in range(B):
+        for head in range(H):
+            cols = slice(head * c, (head + 1) * c)
+            for t in range(L):
+                seen = [j for j in range(L) if mask[t, j]]
+                scores = torch.stack([q[b, t, cols] @ k[b, j, cols] for j in seen]) / c**0.5
+                probs = torch.exp(scores - scores.max())
+                probs = probs / probs.sum()
+                row = sum(p * v[b, j, cols] for p, j in zip(probs, seen))
+                earlier = [j for j in seen if j != t][::-1]  # nearest first
+                weights = [eta ** (r + 1) for r in range(len(earlier))]
+                total = sum(weights) if normalize and earlier else 1.0
+                for w, j in zip(weights, earlier):
+                    row = row + (w / total) * v[b, j, cols]
+                out[b, t, cols] = row
+    return attn.proj(out)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("masking", ["causal", "probes"])
+def test_momentum_attention_matches_a_loop_over_positions(normalize, masking):
+    torch.manual_seed(0)
+    attn = MomentumAttention(8, 2, momentum=0.8, normalize=normalize).double()
+    # 6 context tokens, then probes that see the first 0, 2, 4 and 6 of them (and themselves)
+    mask = (torch.ones(6, 6, dtype=torch.bool).tril() if masking == "causal"
+            else prefix_mask(6, torch.tensor([0, 2, 4, 6]), probes_see_themselves=True, device="cpu"))
+    h = torch.randn(3, mask.shape[0], 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(h, mask), _momentum_attention_by_loops(attn, h, mask, 0.8, normalize))
+
+
+def test_momentum_attention_weights():
+    attn = MomentumAttention(8, 2, momentum=0.8)
     # a query after the first n tokens is weighted as if it sat at position n
-    weights = attn.momentum_weights(prefix_mask(4, [2], probes_see_themselves=True, device=h.device), h.dtype)
+    weights = attn.momentum_weights(prefix_mask(4, [2], probes_see_themselves=True, device="cpu"), torch.float32)
     torch.testing.assert_close(weights[4], torch.tensor([0.8**2, 0.8, 0.0, 0.0, 0.0]))
-    normalized = MomentumAttention(8, 2, momentum=0.8, normalize=True).momentum_weights(mask, h.dtype)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    torch.testing.assert_close(attn.momentum_weights(causal, torch.float32)[5, :5], 0.8 ** torch.arange(5.0, 0, -1))
+    normalized = MomentumAttention(8, 2, momentum=0.8, normalize=True).momentum_weights(causal, torch.float32)
     torch.testing.assert_close(normalized[1:].sum(-1), torch.ones(5))
+    assert normalized[0].abs().sum() == 0  # the first token has nothing before it
 
 
 def test_transformer_attention_setting_is_validated():

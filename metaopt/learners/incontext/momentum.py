@@ -1,13 +1,18 @@
 """Attention with momentum over its value vectors (Dai et al., ACL 2023 Findings).
 
-Dai et al. read attention values as meta-gradients and add momentum to them:
+Dai et al. read attention values as meta-gradients and add momentum to them (their Section 5):
 
     output_t = softmax attention_t + Σ_{i<t} η^{t−i} v_i,
 
-an exponentially decaying sum of the values of the tokens before t (per head, before the output
-projection). We implement the equation as the paper writes it, unnormalised; ``normalize=True``
-divides the momentum term by ``Σ_{i<t} η^{t−i}`` (an exponential moving average) instead. We could
-not confirm which one their released code uses, so both are available.
+an exponentially decaying sum of the values of the tokens before t, with η a fixed scalar. The paper's
+attention, ``V softmax(Kᵀq_t / √d)``, stops before the output projection, so the sum is added there,
+per head, and the projection sees both; nothing is learned beside the usual weights. The paper
+writes the sum unnormalised (it calls it an EMA, but divides by nothing), and that is the default here.
+Their released code (the ``understand_icl`` folder of microsoft/LMOps, which the paper links to) holds
+the ICL-versus-finetuning analysis only; it has no momentum attention, so the paper's equation is the
+whole specification. ``normalize=True`` divides the momentum term by ``Σ_{i<t} η^{t−i}`` (a moving
+average whose weights sum to 1, whatever t): the reading a researcher may want when the unnormalised
+sum, up to ``η / (1 − η)`` times a value's size, swamps the attention output in short prompts.
 
 With a general mask, "the tokens before t" are the tokens row t may attend to other than itself,
 and the distance ``t − i`` counts them from the end: for a causal row this is the usual ``t − i``; for

@@ -67,5 +67,7 @@ def test_the_strongest_baseline_is_the_lowest_finite_final_loss_at_each_horizon(
     assert at_2t["best_baseline"] == "adam" and at_2t["best_baseline_final_loss"] == 1.0
     assert at_2t["optimizers"]["mixture"]["steps_to_best_baseline_final"] == 3
     assert at_2t["optimizers"]["adam_cosine"]["final_loss"] == pytest.approx(1.2)
+    assert at_t["optimizers"]["mixture"]["steps_to_baseline_final"] == {"adam": 1, "sgd": None, "adam_cosine": 2}
+    assert at_2t["optimizers"]["mixture"]["steps_to_baseline_final"] == {"adam": 3, "sgd": None, "adam_cosine": 2}
     table = format_table({"reference": "adam", "evaluation": {"seen": results}})
     assert "adam_cosine*" in table and "steps to best*" in table and "never" in table

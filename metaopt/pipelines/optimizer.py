@@ -18,7 +18,8 @@ factory, e.g.
    meta-train it with the estimator and budget of ``meta_train``;
 4. evaluate every optimizer on every environment for ``horizon_factor`` × T steps, averaged over fresh seeds,
    and count the steps each needs to reach, at T and at ``horizon_factor`` × T, the reference baseline's final
-   loss and the strongest baseline's (the one with the lowest final loss in that environment at that horizon);
+   loss, the strongest baseline's (the one with the lowest final loss in that environment at that horizon) and
+   every baseline's;
 5. write ``results.json``, the loss curves and the per-layer coefficient heat-map (``figures/*.png``), the
    meta-trained optimizers (``checkpoints/*.pt``; ``optimizers/*.pt``, each one self-contained file that
    ``optimizers.load`` takes) and everything to W&B through :class:`metaopt.log.Run`.
@@ -643,7 +644,7 @@ def _horizon_results(curves: dict[str, dict[str, torch.Tensor]], horizons: dict[
                      baselines: Sequence[str]) -> dict[str, Any]:
     """Per horizon (``curves[label][optimizer]``, at least ``horizons[label] + 1`` long): the reference's final
     loss, the strongest of ``baselines`` (the lowest final loss) and its final loss, and each optimizer's final
-    loss and steps to reach each of the two."""
+    loss and steps to reach each of the two and each baseline's final loss."""
     out = {}
     for label, steps in horizons.items():
         by_name = curves[label]
@@ -656,7 +657,9 @@ def _horizon_results(curves: dict[str, dict[str, torch.Tensor]], horizons: dict[
             reached = steps_to_reach(curve[: steps + 1], target)
             rows[name] = {"final_loss": float(curve[steps]), "steps_to_reference_final": reached,
                           "speedup_vs_reference": None if reached is None else reference_steps / max(reached, 1),
-                          "steps_to_best_baseline_final": steps_to_reach(curve[: steps + 1], best_target)}
+                          "steps_to_best_baseline_final": steps_to_reach(curve[: steps + 1], best_target),
+                          "steps_to_baseline_final": {b: steps_to_reach(curve[: steps + 1], float(by_name[b][steps]))
+                                                      for b in baselines}}
         out[label] = {"steps": steps, "reference_final_loss": target, "best_baseline": best,
                       "best_baseline_final_loss": best_target, "optimizers": rows}
     return out

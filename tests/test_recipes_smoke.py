@@ -30,8 +30,9 @@ REPRODUCTIONS = [
 # The variants docs/reproductions.md names as overrides.
 VARIANTS = [
     ("boolean_architectures", ["task.teaching=true"]),
-    ("boolean_architectures_dnf", ["task.teaching=true", "train.support=28", "compare.support_sizes=[0,4,8,12,16,20,24,28]",
-                                   "learners.transformer.max_support=28", "learners.hyena.max_support=28"]),
+    ("boolean_architectures_dnf", ["task.teaching=true", "train.support=48",
+                                   "compare.support_sizes=[0,8,16,24,32,40,45,48]",
+                                   "learners.transformer.max_support=48", "learners.hyena.max_support=48"]),
     ("boolean_architectures_parity", ["task.teaching=true"]),
 ]
 

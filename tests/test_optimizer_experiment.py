@@ -23,7 +23,7 @@ RECIPE = str(RECIPE_DIR / "specialized_optimizer.yaml")
 
 
 def test_tiny_run_writes_results_and_figures(tmp_path, capsys):
-    """Through `metaopt run`, which dispatches on the recipe's `pipeline: optimizer`."""
+    """Through `metaopt run`, which dispatches on the recipe's `pipeline: optimizer`; its claims are printed."""
     assert cli_main(["run", RECIPE, f"output_dir={tmp_path}", *TINY]) == 0
     (run_dir,) = (tmp_path / "specialized_optimizer").iterdir()
     results = json.loads((run_dir / "results.json").read_text())
@@ -47,8 +47,13 @@ def test_tiny_run_writes_results_and_figures(tmp_path, capsys):
     cosine = results["scheduled_curves"]["seen"]["adam_cosine"]  # one run per horizon, its schedule spanning it
     assert len(cosine["T"]) == 5 and cosine["2T"] == results["curves"]["seen"]["adam_cosine"]
     assert seen_t["optimizers"]["adam_cosine"]["final_loss"] == cosine["T"][4]
+    records = results["claims"]  # the recipe's claims, one cell per environment, horizon and other optimizer
+    assert [r["optimizer"] for r in records] == ["layerwise_mixture", "layerwise_mixture_uniform",
+                                                 "layerwise_mixture", "layerwise_mixture"]
+    assert len(records[0]["cells"]) == 3 * 2 * 2 and len(records[3]["cells"]) == 2 * 2
     out = capsys.readouterr().out
     assert "steps to adam" in out and "steps to best*" in out and f"{best}*" in out
+    assert "claims:" in out and all(r["text"] in out for r in records)
 
 
 def test_learning_rate_grid_picks_the_best_rate():
@@ -173,3 +178,45 @@ def test_recomparing_an_optimizer_run_writes_its_own_folder_and_leaves_the_run_a
     assert recompared["tuned_learning_rates"] == original["tuned_learning_rates"]
     assert "evaluation:\n  seeds: 2" in (again / "config.yaml").read_text()
     assert not (again / "checkpoints").exists()
+
+def _evaluation(steps_mixture: int, loss_mixture: float) -> dict:
+    """One environment, one horizon: Adam needs all 10 steps to its own final loss 0.5."""
+    return {"seen": {"T": {"optimizers": {
+        "adam": {"final_loss": 0.5, "steps_to_baseline_final": {"adam": 10}},
+        "mixture": {"final_loss": loss_mixture, "steps_to_baseline_final": {"adam": steps_mixture}}}}}}
+
+
+@pytest.mark.parametrize("steps, loss, holds", [(8, 0.4, True), (9, 0.4, False), (None, 0.4, False),
+                                                 (8, 0.5, False)])
+def test_optimizer_claims_count_steps_and_compare_final_losses(steps, loss, holds):
+    """20% fewer steps than Adam's 10 means at most 8; a lower final loss means strictly lower."""
+    from metaopt.pipelines.optimizer_claims import OptimizerClaim, check_claims, claim_lines
+    claim = OptimizerClaim(text="faster", optimizer="mixture", fewer_steps_than=["adam"], by=0.2,
+                           lower_loss_than=["adam"])
+    (record,) = check_claims([claim], _evaluation(steps, loss))
+    assert record["holds"] is holds and record["verdict"] == ("holds" if holds else "does not hold")
+    fewer, lower = record["cells"]
+    assert fewer["threshold"] == 8.0 and fewer["other"] == 10 and fewer["holds"] is (steps is not None and steps <= 8)
+    assert lower["holds"] is (loss < 0.5)
+    lines = claim_lines([record], seeds=3)
+    assert lines[0] == f"- faster -> {'holds' if holds else 'DOES NOT HOLD'} (means of 3 seeds)" and len(lines) == 3
+    restricted = OptimizerClaim(optimizer="mixture", lower_loss_than=["adam"], environments=["other"])
+    assert check_claims([restricted], _evaluation(steps, loss))[0]["holds"] is False  # no cell: nothing shown
+
+
+@pytest.mark.parametrize(
+    "claim, message",
+    [("{optimizer: lion, lower_loss_than: [adam]}", r"claims\[0\].optimizer: 'lion' is not one of"),
+     ("{optimizer: layerwise_mixture}", r"claims\[0\]: a claim needs fewer_steps_than or lower_loss_than"),
+     ("{optimizer: layerwise_mixture, fewer_steps_than: [per_parameter_mlp]}",
+      r"claims\[0\].fewer_steps_than: 'per_parameter_mlp' is not one of the recipe's baselines"),
+     ("{optimizer: layerwise_mixture, lower_loss_than: [adam], horizons: [3T]}", r"claims\[0\].horizons: '3T'"),
+     ("{optimizer: layerwise_mixture, lower_loss_than: [adam], environments: [mnist]}",
+      r"claims\[0\].environments: 'mnist'"),
+     ("{optimizer: layerwise_mixture, fewer_steps_than: [adam], by: 1.5}", r"claims\[0\].by must be a fraction"),
+     ("{optimizer: adam, lower_loss_than: [adam]}", "compared with itself")],
+)
+def test_bad_optimizer_claims_are_refused_at_load(claim, message):
+    with pytest.raises(ConfigError, match=message):
+        load(RECIPE, [f"claims=[{claim}]"])
+

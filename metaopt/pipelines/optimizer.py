@@ -20,7 +20,9 @@ factory, e.g.
    and count the steps each needs to reach, at T and at ``horizon_factor`` × T, the reference baseline's final
    loss, the strongest baseline's (the one with the lowest final loss in that environment at that horizon) and
    every baseline's;
-5. write ``results.json``, the loss curves and the per-layer coefficient heat-map (``figures/*.png``), the
+5. check the recipe's ``claims:`` on those results (:mod:`metaopt.pipelines.optimizer_claims`: fewer steps
+   to a baseline's final loss, a lower final loss), print them under the table;
+6. write ``results.json``, the loss curves and the per-layer coefficient heat-map (``figures/*.png``), the
    meta-trained optimizers (``checkpoints/*.pt``; ``optimizers/*.pt``, each one self-contained file that
    ``optimizers.load`` takes) and everything to W&B through :class:`metaopt.log.Run`.
 
@@ -55,6 +57,7 @@ from metaopt.config import (
     CommonSettings, ConfigError, build_instance, check_spec, import_target, instantiate, plain, settings,
 )
 from metaopt.log import Run
+from metaopt.pipelines.optimizer_claims import OptimizerClaim, check_claims, claim_lines, parse_claims
 from metaopt.progress import Progress
 from metaopt.seeds import SeedPlan, generator
 from optimizers.environments import Environment, OptimizerFactory
@@ -162,6 +165,7 @@ class OptimizerRecipe(CommonSettings):
     learned: dict[str, Any] = field(default_factory=dict)
     meta_train: MetaTrainSettings = field(default_factory=MetaTrainSettings)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    claims: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -178,6 +182,7 @@ class OptimizerExperiment:
     meta_train: MetaTrainSettings
     evaluation: EvaluationSettings
     schedules: dict[str, str] = field(default_factory=dict)  # baseline -> one of SCHEDULES (absent: constant)
+    claims: list[OptimizerClaim] = field(default_factory=list)
 
     @property
     def seeds(self) -> SeedPlan:
@@ -247,6 +252,15 @@ def validate(config: DictConfig, source: str) -> None:
                           f"TruncatedBackprop, FullBackprop); got {meta_train.estimator['_target_']!r}")
     check_spec(meta_train.estimator, "meta_train.estimator")
     settings(config.evaluation, EvaluationSettings, "evaluation")
+    _claims(config)
+
+
+def _claims(config: DictConfig) -> list[OptimizerClaim]:
+    """The recipe's claims, every name checked against its optimizers, environments and horizons."""
+    factor = settings(config.evaluation, EvaluationSettings, "evaluation").horizon_factor
+    return parse_claims(config.claims, optimizers=[*config.baselines, *config.learned],
+                        baselines=list(config.baselines), environments=list(_environment_specs(config)),
+                        horizons=["T", f"{factor}T"])
 
 
 def build(config: DictConfig) -> OptimizerExperiment:
@@ -264,7 +278,8 @@ def build(config: DictConfig) -> OptimizerExperiment:
     tuning = settings(config.tuning, TuningSettings, "tuning")
     return OptimizerExperiment(config, environments, baselines, grids, tuning,
                                {name: plain(spec) for name, spec in config.learned.items()}, estimator, meta_train,
-                               settings(config.evaluation, EvaluationSettings, "evaluation"), schedules)
+                               settings(config.evaluation, EvaluationSettings, "evaluation"), schedules,
+                               _claims(config))
 
 
 # ---------------------------------------------------------------------- pieces
@@ -591,6 +606,8 @@ def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False, 
         "curves": {env: {name: c.tolist() for name, c in by.items()} for env, by in curves.items()},
         "scheduled_curves": {env: {name: {label: c.tolist() for label, c in by.items()} for name, by in rows.items()}
                              for env, rows in scheduled_curves.items() if rows},
+        "evaluation_seeds": ev.seeds,
+        "claims": check_claims(experiment.claims, evaluation),
     }
     run.save_json(results, "results")
     if train and run.writes:
@@ -686,4 +703,6 @@ def format_table(results: dict[str, Any]) -> str:
                 lines.append(f"{env:<22}{label:<9}{shown:<28}{row['final_loss']:>12.4f}"
                              f"{steps(row['steps_to_reference_final']):>15}{best:>16}")
     lines.append("* the strongest baseline: the lowest final loss in that environment at that horizon")
+    if results.get("claims"):
+        lines += ["", "claims:", *claim_lines(results["claims"], results.get("evaluation_seeds", 1))]
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """The implicit-vs-explicit analysis: exact on identical learners, right on pairs with known answers."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ from metaopt.analysis import (
     untrained_copy,
 )
 from metaopt.analysis.tracking import sensitivity_references
-from metaopt.compare import compare, format_table, plot_similarity
+from metaopt.compare import analysis_value, compare, format_table, plot_similarity
 from metaopt.episodes import Episode
 from metaopt.learners import (
     Capability,
@@ -223,7 +224,11 @@ def test_dai_scores_and_the_untrained_control_run_and_are_in_range():
             assert len(values) == 2 and all(-1 <= v <= 1 for v in values)
         assert (scores.rec2ftp is None) == (scores.ft_fixed == 0)
         assert scores.rec2ftp is None or 0 <= scores.rec2ftp <= 1
+        for name in ("sim_aou", "sim_aou_random", "sim_am", "sim_am_zero_shot"):  # the layer means claims read
+            assert getattr(scores, f"{name}_mean") == pytest.approx(sum(getattr(scores, name)) / 2)
     assert report.untrained.threshold == report.trained.threshold
+    entry = {"dual_form": {"transformer": asdict(report)}}
+    assert analysis_value(entry, "dual_form/transformer/untrained/sim_am_mean", 5) == report.untrained.sim_am_mean
     # the untrained copy really is another model
     untrained = untrained_copy(model)
     assert not torch.equal(untrained.read_in.weight, model.read_in.weight)

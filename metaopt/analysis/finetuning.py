@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -260,7 +260,9 @@ class DualFormScores:
 
     ``ft_fixed`` counts the queries FT fixes (Rec2FTP's denominator; Rec2FTP is None when it is 0);
     ``threshold`` is τ for regression (None for binary); ``loss_*`` are the mean task losses on the
-    queries zero-shot, in context and after finetuning.
+    queries zero-shot, in context and after finetuning. ``*_mean`` are the per-layer lists' means over
+    the layers (Dai et al.'s summary numbers; a recipe claim addresses them as, e.g.,
+    ``dual_form/transformer/trained/sim_aou_mean``).
     """
 
     sim_aou: list[float]
@@ -273,6 +275,15 @@ class DualFormScores:
     loss_zero_shot: float
     loss_icl: float
     loss_ft: float
+    sim_aou_mean: float = field(init=False)
+    sim_aou_random_mean: float = field(init=False)
+    sim_am_mean: float = field(init=False)
+    sim_am_zero_shot_mean: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        for name in ("sim_aou", "sim_aou_random", "sim_am", "sim_am_zero_shot"):
+            values = getattr(self, name)
+            setattr(self, f"{name}_mean", sum(values) / len(values))
 
 
 @dataclass

@@ -27,6 +27,10 @@ LARGER = {
                               "learners.transformer.n_layer", "learners.lstm.hidden", "learners.hyena.width"],
     "boolean_architectures_dnf": ["train.steps", "task.n_bits", "train.support", "learners.transformer.n_embd",
                                   "learners.transformer.n_layer", "learners.lstm.hidden", "learners.hyena.width"],
+    "garg_function_classes": ["train.steps", "task.dim", "task.nonzeros", "train.support", "compare.num_tasks",
+                              "learners.transformer.n_embd", "learners.transformer.n_layer"],
+    "garg_function_classes_trees": ["train.steps", "task.dim", "train.support", "compare.num_tasks",
+                                    "learners.transformer.n_embd", "learners.transformer.n_layer"],
     "icl_vs_finetuning": ["train.steps", "task.dim", "train.support", "compare.num_tasks",
                           "learners.transformer.n_embd", "learners.transformer.n_layer",
                           "learners.transformer_momentum.n_embd", "learners.transformer_momentum.n_layer"],
@@ -42,12 +46,15 @@ PRESETS = sorted(LARGER)
 # sizes (the structure test builds them at full size), short tuning grids, a short dual form, small sequences.
 BOOLEAN_MODELS = ["learners.transformer.n_embd=32", "learners.transformer.n_layer=2", "learners.lstm.hidden=32",
                   "learners.hyena.width=32", "learners.hyena.layers=2"]
+GARG_MODEL = ["learners.transformer.n_embd=32", "learners.transformer.n_layer=2", "learners.transformer.n_head=2"]
 EXTRA = {
     "lsa_multilayer": [f"learners.{n}.lrs=[0.5,1.5]" for n in ("gd_2_steps", "gd_3_steps", "gdpp_2_steps",
                                                               "gdpp_3_steps")]
     + ["learners.gdpp_2_steps.gammas=[0.0,0.1]", "learners.gdpp_3_steps.gammas=[0.0,0.1]"],
     "boolean_architectures": BOOLEAN_MODELS,
     "boolean_architectures_dnf": BOOLEAN_MODELS,
+    "garg_function_classes": GARG_MODEL,
+    "garg_function_classes_trees": GARG_MODEL,
     "icl_vs_finetuning": [f"learners.{n}.{k}={v}" for n in ("transformer", "transformer_momentum")
                           for k, v in (("n_embd", 32), ("n_layer", 2))]
     + ["compare.analysis=[{name: dual_form, num_tasks: 2, shared: 1, lr: 0.1, demonstrations: 4}]"],

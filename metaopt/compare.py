@@ -380,7 +380,8 @@ def _relative(a: torch.Tensor | float, b: torch.Tensor | float) -> Any:
 
 def analysis_value(analysis: Mapping[str, Any], path: str, k: int) -> float:
     """The value at ``path`` (``<analysis>/<entry>/<measure>[/...]``) of analysis results, at support size ``k``
-    where the measure is a list over the entry's ``support_sizes``.
+    where the measure is a list over the entry's ``support_sizes``. A value the analysis could not measure (None,
+    e.g. Rec2FTP when finetuning fixes no query) reads as NaN, so a claim about it does not hold.
 
     Raises:
         KeyError: a part of the path the results lack, or no value at ``k``; the message names what there is.
@@ -400,6 +401,8 @@ def analysis_value(analysis: Mapping[str, Any], path: str, k: int) -> float:
         if k not in entry["support_sizes"]:
             raise KeyError(f"analysis path {path!r} has no value at k={k} (has k in {entry['support_sizes']})")
         node = node[entry["support_sizes"].index(k)]
+    if node is None:
+        return math.nan
     if isinstance(node, bool) or not isinstance(node, (int, float)):
         raise KeyError(f"analysis path {path!r} is not a number or a list over support sizes; got {node!r}")
     return float(node)

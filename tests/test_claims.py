@@ -2,6 +2,7 @@
 checks, and old results.json files without the newer claim fields."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -166,6 +167,20 @@ def test_a_missing_analysis_path_names_the_claim_at_check_time(analysed):
                                "above": 0.5})
     with pytest.raises(KeyError, match="claim 'absent'.*has no 'best_gd'"):
         check_claim(analysed, {"text": "absent", "analysis": "best_gd/transformer/lr", "k": 4, "above": 0.5})
+
+
+def test_an_analysis_value_that_was_not_measured_does_not_hold(analysed):
+    analysed.analysis["dual_form"] = {"transformer": {"trained": {"rec2ftp": None, "sim_am_mean": 0.5}}}
+    try:
+        claim = check_claim(analysed, {"text": "unmeasured", "analysis": "dual_form/transformer/trained/rec2ftp",
+                                       "k": 4, "above": 0.5})
+        assert math.isnan(claim.measured) and claim.verdict == "does not hold"
+        claim = check_claim(analysed, {"text": "against unmeasured", "k": 4, "direction": "higher",
+                                       "analysis": "dual_form/transformer/trained/sim_am_mean",
+                                       "better_than": ["dual_form/transformer/trained/rec2ftp"]})
+        assert claim.verdict == "does not hold"
+    finally:
+        del analysed.analysis["dual_form"]
 
 
 # ---------------------------------------------------------------------- load-time validation

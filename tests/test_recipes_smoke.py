@@ -24,6 +24,7 @@ REPRODUCTIONS = [
     "boolean_architectures_dnf",
     "boolean_architectures_parity",
     "icl_vs_finetuning",
+    "icl_vs_finetuning_classification",
     "frozen_lm_boolean",
     "frozen_lm_nearest_neighbour",
 ]

@@ -15,6 +15,7 @@ from metaopt.config import RECIPE_DIR, ConfigError
 from metaopt.environments import digits_finetuning, load_digits_classes, tabular_environment
 from metaopt.pipelines import build, load
 from metaopt.pipelines.optimizer import steps_to_reach, tune_learning_rate
+from metaopt.pipelines.optimizer_claims import OptimizerClaim, check_claims, claim_lines
 from metaopt.testing import OPTIMIZER_TINY as TINY
 from optimizers.environments import Environment
 
@@ -179,10 +180,11 @@ def test_recomparing_an_optimizer_run_writes_its_own_folder_and_leaves_the_run_a
     assert "evaluation:\n  seeds: 2" in (again / "config.yaml").read_text()
     assert not (again / "checkpoints").exists()
 
-def _evaluation(steps_mixture: int, loss_mixture: float) -> dict:
-    """One environment, one horizon: Adam needs all 10 steps to its own final loss 0.5."""
+
+def _evaluation(steps_mixture: int | None, loss_mixture: float, adam_steps: int | None = 10) -> dict:
+    """One environment, one horizon: Adam needs ``adam_steps`` steps to its own final loss 0.5 (None: diverged)."""
     return {"seen": {"T": {"optimizers": {
-        "adam": {"final_loss": 0.5, "steps_to_baseline_final": {"adam": 10}},
+        "adam": {"final_loss": 0.5, "steps_to_baseline_final": {"adam": adam_steps}},
         "mixture": {"final_loss": loss_mixture, "steps_to_baseline_final": {"adam": steps_mixture}}}}}}
 
 
@@ -190,7 +192,6 @@ def _evaluation(steps_mixture: int, loss_mixture: float) -> dict:
                                                  (8, 0.5, False)])
 def test_optimizer_claims_count_steps_and_compare_final_losses(steps, loss, holds):
     """20% fewer steps than Adam's 10 means at most 8; a lower final loss means strictly lower."""
-    from metaopt.pipelines.optimizer_claims import OptimizerClaim, check_claims, claim_lines
     claim = OptimizerClaim(text="faster", optimizer="mixture", fewer_steps_than=["adam"], by=0.2,
                            lower_loss_than=["adam"])
     (record,) = check_claims([claim], _evaluation(steps, loss))
@@ -200,8 +201,22 @@ def test_optimizer_claims_count_steps_and_compare_final_losses(steps, loss, hold
     assert lower["holds"] is (loss < 0.5)
     lines = claim_lines([record], seeds=3)
     assert lines[0] == f"- faster -> {'holds' if holds else 'DOES NOT HOLD'} (means of 3 seeds)" and len(lines) == 3
-    restricted = OptimizerClaim(optimizer="mixture", lower_loss_than=["adam"], environments=["other"])
-    assert check_claims([restricted], _evaluation(steps, loss))[0]["holds"] is False  # no cell: nothing shown
+
+
+def test_optimizer_claims_edge_cases():
+    """Equal steps are not fewer (by = 0); a diverged baseline fails its cell instead of crashing; a claim
+    restricted to a horizon or environment the results lack has no cell and does not hold."""
+    faster = OptimizerClaim(optimizer="mixture", fewer_steps_than=["adam"])
+    assert check_claims([faster], _evaluation(9, 0.4))[0]["holds"] is True
+    assert check_claims([faster], _evaluation(10, 0.4))[0]["holds"] is False
+    (diverged,) = check_claims([faster], _evaluation(3, 0.4, adam_steps=None))
+    assert diverged["holds"] is False and diverged["cells"][0]["threshold"] is None
+    assert "never reaches its own final loss" in claim_lines([diverged], seeds=1)[1]
+    for where in ({"horizons": ["2T"]}, {"environments": ["other"]}):
+        (record,) = check_claims([OptimizerClaim(optimizer="mixture", lower_loss_than=["adam"], **where)],
+                                 _evaluation(8, 0.4))
+        assert record["cells"] == [] and record["holds"] is False
+        assert claim_lines([record], seeds=1)[0].endswith("no environment and horizon matched)")
 
 
 @pytest.mark.parametrize(
@@ -219,4 +234,3 @@ def test_optimizer_claims_count_steps_and_compare_final_losses(steps, loss, hold
 def test_bad_optimizer_claims_are_refused_at_load(claim, message):
     with pytest.raises(ConfigError, match=message):
         load(RECIPE, [f"claims=[{claim}]"])
-

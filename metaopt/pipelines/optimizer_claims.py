@@ -3,8 +3,9 @@
 A claim is about one optimizer (learned or baseline) in some environments at some horizons (every one by
 default) and says either or both of
 
-- ``fewer_steps_than: [B, ...]`` (with ``by: f``, default 0): the optimizer reaches B's final loss in at most
-  ``1 - f`` of the steps B itself needs to get there (Kristiansen et al.'s measure of a specialized optimizer);
+- ``fewer_steps_than: [B, ...]`` (with ``by: f``, default 0): the optimizer reaches B's final loss in fewer
+  steps than B itself needs to get there, and in at most ``1 - f`` of them (Kristiansen et al.'s measure of a
+  specialized optimizer); a B that never reaches its own final loss (a NaN: it diverged) fails the cell;
 - ``lower_loss_than: [B, ...]``: its final loss is below B's.
 
 The curves are the means over ``evaluation.seeds`` fresh seeds, so a claim compares means; it holds when every
@@ -94,10 +95,11 @@ def check_claims(claims: Sequence[OptimizerClaim], evaluation: dict[str, Any]) -
                 for other in claim.fewer_steps_than:
                     steps = own["steps_to_baseline_final"][other]
                     needed = rows[other]["steps_to_baseline_final"][other]
-                    bound = (1 - claim.by) * needed
+                    bound = None if needed is None else (1 - claim.by) * needed
                     cells.append({"environment": env, "horizon": label, "test": "fewer_steps", "against": other,
                                   "measured": steps, "other": needed, "threshold": bound,
-                                  "holds": steps is not None and steps <= bound})
+                                  "holds": steps is not None and bound is not None and steps < needed
+                                  and steps <= bound})
                 for other in claim.lower_loss_than:
                     loss, other_loss = own["final_loss"], rows[other]["final_loss"]
                     cells.append({"environment": env, "horizon": label, "test": "lower_loss", "against": other,
@@ -111,10 +113,12 @@ def check_claims(claims: Sequence[OptimizerClaim], evaluation: dict[str, Any]) -
 
 def _cell_text(cell: dict[str, Any]) -> str:
     place = f"{cell['environment']}/{cell['horizon']}"
-    if cell["test"] == "fewer_steps":
+    if cell["test"] == "fewer_steps" and cell["other"] is None:
+        text = f"{place}: {cell['against']} never reaches its own final loss (diverged?)"
+    elif cell["test"] == "fewer_steps":
         reached = ("never reaches" if cell["measured"] is None else f"{cell['measured']} steps to")
         text = (f"{place}: {reached} {cell['against']}'s final loss ({cell['against']}: {cell['other']}, "
-                f"at most {cell['threshold']:g} needed)")
+                f"fewer and at most {cell['threshold']:g} needed)")
     else:
         text = f"{place}: final loss {cell['measured']:.4g} vs {cell['against']} {cell['other']:.4g}"
     return text if cell["holds"] else f"{text} (fails)"
@@ -125,7 +129,8 @@ def claim_lines(records: Sequence[dict[str, Any]], seeds: int) -> list[str]:
     lines = []
     for record in records:
         verdict = "holds" if record["holds"] else "DOES NOT HOLD"
+        where = "" if record["cells"] else ", no environment and horizon matched"
         lines.append(f"- {record['text'] or record['optimizer']} -> {verdict} "
-                     f"(mean{'s' if seeds > 1 else ''} of {seeds} seed{'s' if seeds > 1 else ''})")
+                     f"(mean{'s' if seeds > 1 else ''} of {seeds} seed{'s' if seeds > 1 else ''}{where})")
         lines += [f"    {_cell_text(cell)}" for cell in record["cells"]]
     return lines

@@ -345,6 +345,7 @@ def test_an_optimizer_recipe_takes_a_users_environment_factory_and_logs_the_one_
     recipe.environments = {}
     del recipe.learned["per_parameter_mlp"]
     del recipe.learned["layerwise_mixture_uniform"]
+    recipe.claims = []  # they name the bundled recipe's environments and learned optimizers
     path = tmp_path / "mine.yaml"
     path.write_text(OmegaConf.to_yaml(recipe))
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))

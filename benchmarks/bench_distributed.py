@@ -1,10 +1,11 @@
 """Meta-training throughput on 1 vs 2 processes (torch.distributed), the same global meta-batch.
 
 - The quickstart transformer (recipes/quickstart.yaml: its learner, task and batch of 256 tasks).
-- The conv-MAML meta-step: MAML on ``hypernets.TargetCNN`` from recipes/hypertransformer.yaml (held at 8 channels,
-  the width its figures were measured at), on its 5-way 1-shot glyph task, 32 tasks per step (16 per process on 2, the meta-batch of ``bench_maml``). At the recipe's
-  8 tasks per process the step's costs that do not shrink with the batch (five inner steps of small ops) weigh:
-  one process on 8 tasks runs at 0.67-0.81 of its rate on 16, which bounds the scaling efficiency of 16 tasks.
+- The conv-MAML meta-step: MAML on ``hypernets.TargetCNN`` from recipes/hypertransformer.yaml (held at 8
+  channels, the width its figures were measured at), on its 5-way 1-shot glyph task, 32 tasks per step (16 per
+  process on 2, the meta-batch of ``bench_maml``). At the recipe's 8 tasks per process the step's costs that do
+  not shrink with the batch (five inner steps of small ops) weigh: one process on 8 tasks runs at 0.67-0.81 of
+  its rate on 16, which bounds the scaling efficiency of 16 tasks.
 
 Each case on each process count is a fresh ``python -m torch.distributed.run --standalone --nproc-per-node N`` of
 this module (``--worker``), 1 thread per process, so that 1 and 2 processes start alike; ``MetaTrainer`` steps are

@@ -35,10 +35,11 @@ def recipe_trainer(recipe: str, name: str, batch_size: int, steps: int, device: 
     ``changes`` replace training settings."""
     config = load(recipe, list(overrides))
     family = build_instance(config.task, "task", TaskFamily)
-    return MetaTrainer(recipe_learner(recipe, name, dtype=dtype, overrides=overrides), family, train_settings(config, name), name=name,
-                       device=device, progress=False, batch_size=batch_size, shards=shards, steps=steps,
-                       warmup_steps=0, curriculum=Curriculum(), val_tasks=distributed.world().size,
-                       val_every=NEVER, log_every=NEVER, checkpoint_every=NEVER, **changes)
+    learner = recipe_learner(recipe, name, dtype=dtype, overrides=overrides)
+    return MetaTrainer(learner, family, train_settings(config, name), name=name, device=device, progress=False,
+                       batch_size=batch_size, shards=shards, steps=steps, warmup_steps=0, curriculum=Curriculum(),
+                       val_tasks=distributed.world().size, val_every=NEVER, log_every=NEVER,
+                       checkpoint_every=NEVER, **changes)
 
 
 def always(trainer: MetaTrainer, episode: Episode) -> MetaTrainer:

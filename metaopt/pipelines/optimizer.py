@@ -260,10 +260,10 @@ def _claims(config: DictConfig) -> list[OptimizerClaim]:
     factor = settings(config.evaluation, EvaluationSettings, "evaluation").horizon_factor
     return parse_claims(config.claims, optimizers=[*config.baselines, *config.learned],
                         baselines=list(config.baselines), environments=list(_environment_specs(config)),
-                        horizons=horizon_labels(factor))
+                        horizons=_horizon_labels(factor))
 
 
-def horizon_labels(factor: int) -> list[str]:
+def _horizon_labels(factor: int) -> list[str]:
     """The evaluation horizons' labels, T and ``factor`` × T: keys of the results and of claims' ``horizons``."""
     return ["T", f"{factor}T"]
 
@@ -556,7 +556,7 @@ def execute(experiment: OptimizerExperiment, run: Run, *, resume: bool = False, 
 
     # 3. evaluation: every optimizer on every environment for `long` steps, mean over fresh seeds; a scheduled
     #    baseline once per horizon, its schedule spanning that run
-    horizons = dict(zip(horizon_labels(ev.horizon_factor), (horizon, long)))
+    horizons = dict(zip(_horizon_labels(ev.horizon_factor), (horizon, long)))
 
     def factory(name: str, steps: int) -> OptimizerFactory:
         if name in learned:

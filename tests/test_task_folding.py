@@ -12,6 +12,8 @@ from metaopt.learners.task_folding import (
     foldable,
     folded_call,
     folded_forward,
+    linear_stack,
+    linear_stack_call,
     per_task_call,
     resolve_strategy,
     unfold,
@@ -96,3 +98,33 @@ def test_auto_strategy_and_refusals():
         FoldedModel(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Dropout()))
     with pytest.raises(ValueError, match="norm_examples"):
         per_task_call(nn.Linear(2, 2), {}, torch.zeros(1, 3, 2), strategy="loop", norm_examples=2)
+
+
+def test_a_linear_stack_runs_without_vmap_and_equals_a_loop_over_tasks_with_gradients():
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Sequential(nn.Linear(6, 4, bias=False), nn.ReLU()),
+                          nn.Linear(4, 2)).double()
+    assert linear_stack(model)
+    g = torch.Generator().manual_seed(2)
+    params = {k: v.requires_grad_() for k, v in _per_task(model, 3, g).items()}
+    params["3.bias"] = model[3].bias.detach().clone().requires_grad_()  # shared by every task
+    del params["0.bias"]  # the model's own
+    for x in (torch.randn(3, 5, 3, generator=g, dtype=torch.float64),
+              torch.randn(3, 5, 2, 3, generator=g, dtype=torch.float64)):  # middle dimensions too
+        out = linear_stack_call(model, params, x)
+        per_task = {k: v.expand(3, *v.shape) if v.dim() == 1 else v for k, v in params.items()}
+        loop = per_task_call(model, per_task, x, strategy="loop")
+        torch.testing.assert_close(out, loop)
+        torch.testing.assert_close(per_task_call(model, params, x, strategy="batched"), loop)
+        weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
+        ours = torch.autograd.grad((out * weights).sum(), list(params.values()))
+        theirs = torch.autograd.grad((loop * weights).sum(), list(params.values()))
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("model", [
+    nn.Linear(2, 2), nn.Sequential(nn.ReLU()), nn.Sequential(nn.Linear(2, 2), nn.Dropout()),
+    nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), nn.Sequential(nn.ReLU(inplace=True), nn.Linear(2, 2)),
+], ids=["not_sequential", "no_linear", "dropout", "layer_norm", "inplace"])
+def test_other_models_are_not_linear_stacks(model):
+    assert not linear_stack(model)

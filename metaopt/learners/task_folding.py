@@ -12,7 +12,10 @@ and its own inputs ``[T, N, *x]``; :func:`per_task_call` runs an ordinary module
   (:func:`folded_forward`), for an ``nn.Sequential`` (nested ones too) of the layers :func:`foldable` lists.
 - ``"batched"``: ``torch.func.vmap`` over tasks of ``functional_call`` (batched matmuls; for convolutions
   grouped convolutions too, but with the tasks transposed in and out of the channels around every layer and
-  batch norm's affine part as separate multiplications).
+  batch norm's affine part as separate multiplications). A stack of linear layers and elementwise activations
+  (an MLP, :func:`linear_stack`) runs as one batched matmul per layer without vmap: the same operations,
+  without vmap's per-operation dispatch, which is most of the cost of a small MLP's inner step (MAML's
+  sinusoid network, ``benchmarks/bench_maml.py``).
 - ``"vmap"``: for an inner loop (:class:`~metaopt.learners.inner_loop.InnerLoop`), ``vmap`` over tasks of the
   whole loop, its gradients included; for one call of a model it is ``"batched"``.
 - ``"loop"``: task by task, plain operations.
@@ -58,6 +61,8 @@ _CHANNELWISE = (
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
 )
 _EXACT_CHANNELWISE = frozenset(_CHANNELWISE)
+# Layers that act on every entry alone: between linear layers they run on ``[T, N, features]`` as they are.
+_ELEMENTWISE = frozenset(_CHANNELWISE[:_CHANNELWISE.index(nn.Identity) + 1])
 _CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 Weights = dict[str, Tensor]
@@ -314,6 +319,40 @@ def folded_call(model: nn.Sequential, params: Weights, x: Tensor, *, norm_exampl
     return unfold(folded_forward(model, params, h, norm_examples=norm_examples, channels_last=channels_last))
 
 
+# ---------------------------------------------------------------------- linear stacks
+def linear_stack(model: nn.Module) -> bool:
+    """Whether ``model`` is an ``nn.Sequential`` (nested ones too) of ``nn.Linear`` layers and elementwise
+    activations only, which :func:`linear_stack_call` runs on per-task weights without vmap."""
+    if not isinstance(model, nn.Sequential):
+        return False
+    layers = [layer for _, layer in _layers(model)]
+    return any(type(layer) is nn.Linear for layer in layers) and all(
+        type(layer) is nn.Linear or (type(layer) in _ELEMENTWISE and not vars(layer).get("inplace"))
+        for layer in layers)
+
+
+def linear_stack_call(model: nn.Sequential, params: Weights, x: Tensor) -> Tensor:
+    """``model``'s outputs ``[T, N, ..., out]`` on inputs ``[T, N, ..., in]``, task ``t`` with weights
+    ``params[name][t]`` (``[T, *shape]``; a weight without the leading ``T``, or not in ``params``, is shared).
+
+    One ``baddbmm`` per linear layer (``model`` must satisfy :func:`linear_stack`).
+    """
+    h = x.flatten(1, -2) if x.dim() > 3 else x
+    for prefix, layer in _layers(model):
+        if type(layer) is not nn.Linear:
+            h = layer.forward(h)
+            continue
+        weight, bias = params.get(prefix + "weight", layer.weight), params.get(prefix + "bias", layer.bias)
+        if weight.dim() == 3:
+            bias = None if bias is None else bias.unsqueeze(1) if bias.dim() == 2 else bias
+            h = torch.bmm(h, weight.mT) if bias is None else torch.baddbmm(bias, h, weight.mT)
+        else:
+            h = F.linear(h, weight, None if bias is None or bias.dim() == 2 else bias)
+            if bias is not None and bias.dim() == 2:
+                h = h + bias.unsqueeze(1)
+    return h.unflatten(1, x.shape[1:-1]) if x.dim() > 3 else h
+
+
 # ---------------------------------------------------------------------- every strategy
 def resolve_strategy(strategy: str, model: nn.Module) -> str:
     """The strategy actually used for ``model``: ``strategy`` itself unless it is ``"auto"``.
@@ -352,6 +391,8 @@ def per_task_call(model: nn.Module, params: Weights, x: Tensor, *, strategy: str
     if strategy == "loop":
         return torch.stack([_one_task(model, {k: v[t] for k, v in params.items()}, x[t], norm_examples)
                             for t in range(x.shape[0])])
+    if norm_examples is None and linear_stack(model):
+        return linear_stack_call(model, params, x)
     return vmap(lambda p, inputs: _one_task(model, p, inputs, norm_examples))(params, x)
 
 
@@ -371,4 +412,5 @@ def _one_task(model: nn.Module, params: Weights, x: Tensor, norm_examples: int |
 
 
 __all__ = ["STRATEGIES", "Strategy", "fold", "unfold", "tile", "folded_conv", "batch_norm_first", "foldable",
-           "FoldedModel", "folded_forward", "folded_call", "resolve_strategy", "per_task_call"]
+           "FoldedModel", "folded_forward", "folded_call", "linear_stack", "linear_stack_call", "resolve_strategy",
+           "per_task_call"]

@@ -34,6 +34,9 @@ LARGER = {
     "icl_vs_finetuning": ["train.steps", "task.dim", "train.support", "compare.num_tasks",
                           "learners.transformer.n_embd", "learners.transformer.n_layer",
                           "learners.transformer_momentum.n_embd", "learners.transformer_momentum.n_layer"],
+    "hypertransformer": ["train.steps", "task.ways", "compare.num_tasks", "learners.ht_all_layers.widths",
+                         "learners.ht_all_layers.label_dim", "learners.ht_all_layers.embedder_channels",
+                         "learners.protonet.train.steps"],
     "hypertransformer_semisupervised": ["train.steps", "task.ways", "compare.num_tasks",
                                         "learners.ht_2_layers_unlabeled.label_dim",
                                         "learners.ht_2_layers_unlabeled.embedder_channels"],
@@ -58,6 +61,8 @@ EXTRA = {
     "icl_vs_finetuning": [f"learners.{n}.{k}={v}" for n in ("transformer", "transformer_momentum")
                           for k, v in (("n_embd", 32), ("n_layer", 2))]
     + ["compare.analysis=[{name: dual_form, num_tasks: 2, shared: 1, lr: 0.1, demonstrations: 4}]"],
+    "hypertransformer": ["train.batch_size=2", "task.queries=1", "train.query=20", "compare.query=20",
+                         "learners.maml.train.batch_size=2"],
     "hypertransformer_semisupervised": ["train.batch_size=2", "task.queries=1", "train.query=20", "compare.query=20"],
     "continual_hypertransformer": [
         "train.batch_size=2", "task.queries=1", "train.query=25", "compare.query=25",

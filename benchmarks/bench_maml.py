@@ -10,13 +10,18 @@ tasks), and learn2learn's ``MAML.clone().adapt`` when learn2learn is importable.
 is checked against higher's before timing, in float64 to 1e-9 (relative and absolute): float32 rounding differs
 between machines (on one, correct float32 meta-gradients of the CNN differed from higher's by 0.4% of the
 largest entry, while in float64 every strategy agrees to 1e-16). The times are float32, the best of a few
-meta-steps. On a machine shared with other work, run it with ``--threads 1``: with 2 threads each parallel op of
+meta-steps. The sinusoid is timed under ``compile: true`` too (``ours_compiled``, its meta-gradient checked
+against higher's like the others; its compilation seconds reported apart, and skipped where ``torch.compile``
+cannot run, e.g. without a C++ compiler). On a machine shared with other work, run it with ``--threads 1``: with 2 threads each parallel op of
 the task-batched path waits for the busy second core.
 """
 
 from __future__ import annotations
 
 import copy
+import time
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import nn
@@ -29,6 +34,7 @@ from metaopt.extras import import_learn2learn
 from metaopt.learners import MAML
 from metaopt.learners.maml import conv4
 from metaopt.learners.mlp import mlp
+from metaopt.runtime import compile_loss
 from metaopt.tasks import Sinusoid
 
 INNER_LR, INNER_STEPS = 0.01, 5
@@ -65,6 +71,17 @@ def ours_step(learner: MAML, episode: Episode) -> list[torch.Tensor]:
     return list(torch.autograd.grad(learner.loss(episode), list(learner.parameters())))
 
 
+def compiled_step(learner: MAML) -> Callable[[Episode], list[torch.Tensor]] | None:
+    """Our meta-step as a recipe with ``compile: true`` runs it (``metaopt.runtime.compile_loss``), compiled at
+    its first call; None if ``torch.compile`` failed there and the loss fell back to eager (e.g. no C++ compiler)."""
+    loss, params = compile_loss(learner.loss, True, "MAML"), list(learner.parameters())
+
+    def step(episode: Episode) -> list[torch.Tensor]:
+        return list(torch.autograd.grad(loss(episode), params))
+
+    return step if loss.active else None
+
+
 def references() -> dict:
     """The references by name, each called as ``(model, episode, steps)``: higher, and learn2learn if installed."""
     found = {"higher": higher_step}
@@ -84,28 +101,42 @@ def float64(episode: Episode) -> Episode:
     return episode.replace(**{f: getattr(episode, f).double() for f in real})
 
 
-def check_meta_gradients(model: nn.Module, episode: Episode, strategies: list[str], *, tolerance: float) -> None:
-    """Every strategy's meta-gradient equals higher's, in float64 (float32 rounding differs between machines)."""
+def check_meta_gradients(model: nn.Module, episode: Episode, strategies: list[str], *, tolerance: float,
+                         compiled: bool = False) -> bool:
+    """Every strategy's meta-gradient equals higher's, in float64 (float32 rounding differs between machines);
+    with ``compiled``, the compiled meta-step's too. Whether the compiled step compiled (False without it)."""
     model64, episode64 = copy.deepcopy(model).double(), float64(episode)
     expected = higher_step(model64, episode64)
-    for strategy in strategies:
-        learner = MAML(model64, INNER_STEPS, INNER_LR, strategy=strategy)
-        for ours, theirs in zip(ours_step(learner, episode64), expected):
-            torch.testing.assert_close(ours, theirs, rtol=tolerance, atol=tolerance, msg=f"{strategy} vs higher")
+    steps = {s: partial(ours_step, MAML(model64, INNER_STEPS, INNER_LR, strategy=s)) for s in strategies}
+    compiled_step64 = compiled_step(MAML(model64, INNER_STEPS, INNER_LR)) if compiled else None
+    if compiled_step64 is not None:
+        steps["compiled"] = compiled_step64
+    for name, step in steps.items():
+        for ours, theirs in zip(step(episode64), expected):
+            torch.testing.assert_close(ours, theirs, rtol=tolerance, atol=tolerance, msg=f"{name} vs higher")
+    return compiled_step64 is not None
 
 
 def compare_meta_steps(model: nn.Module, episode: Episode, strategies: list[str], *, tolerance: float,
-                       repeats: int) -> dict:
+                       repeats: int, compiled: bool = False) -> dict:
     """Time our strategies and the references on one episode in float32, after checking in float64 that their
-    meta-gradients agree to ``tolerance``.
+    meta-gradients agree to ``tolerance``; with ``compiled``, our default strategy under ``compile: true`` too
+    (``ours_compiled``, timed after its compilation, whose seconds are reported apart).
 
     ``strategies`` must include the one ``strategy="auto"`` resolves to for ``model``.
     """
-    check_meta_gradients(model, episode, strategies, tolerance=tolerance)
+    compiles = check_meta_gradients(model, episode, strategies, tolerance=tolerance, compiled=compiled)
     learners = {s: MAML(model, INNER_STEPS, INNER_LR, strategy=s) for s in strategies}
     reference_steps = references()
     seconds = {f"ours_{s}": best_of(lambda l=l: ours_step(l, episode), repeats=repeats)
                for s, l in learners.items()}
+    compile_seconds = None
+    if compiles:
+        start = time.perf_counter()
+        step = compiled_step(MAML(model, INNER_STEPS, INNER_LR))
+        step(episode)
+        compile_seconds = time.perf_counter() - start
+        seconds["ours_compiled"] = best_of(lambda: step(episode), repeats=repeats)
     seconds |= {name: best_of(lambda f=f: f(model, episode), repeats=repeats)
                 for name, f in reference_steps.items()}
     resolved = MAML(model, INNER_STEPS, INNER_LR).resolved_strategy()
@@ -114,7 +145,7 @@ def compare_meta_steps(model: nn.Module, episode: Episode, strategies: list[str]
     # per task: torch's counter overcounts grouped convolutions
     flop = count_flops(lambda: ours_step(MAML(model, INNER_STEPS, INNER_LR, strategy="loop"), episode))
     rates = {k: achieved(flop, v) for k, v in seconds.items()}
-    return {
+    result = {
         "seconds": seconds,
         "auto_strategy": auto,
         "speedup_vs_higher": seconds["higher"] / seconds[auto],
@@ -125,12 +156,18 @@ def compare_meta_steps(model: nn.Module, episode: Episode, strategies: list[str]
         "gradients_match_higher_to_in_float64": tolerance,
         "references": sorted(reference_steps),
     }
+    if compiled:  # None: torch.compile failed on this machine and the compiled step was not timed
+        result["compile_seconds"] = compile_seconds
+        result["compiled_speedup_vs_fastest_reference"] = (fastest_reference / seconds["ours_compiled"]
+                                                           if compiles else None)
+    return result
 
 
 def sinusoid() -> dict:
     torch.manual_seed(0)
     episode = Sinusoid().sample(25, 10, 10, generator=torch.Generator().manual_seed(0))
-    return compare_meta_steps(mlp(1, (40, 40), 1), episode, ["batched", "vmap", "loop"], tolerance=1e-9, repeats=10)
+    return compare_meta_steps(mlp(1, (40, 40), 1), episode, ["batched", "vmap", "loop"], tolerance=1e-9, repeats=10,
+                              compiled=True)
 
 
 def conv_images(meta_batch: int = 16, ways: int = 5, queries: int = 15) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from metaopt.episodes import Episode
 from metaopt.learners import LeastSquares, Ridge, Transformer
 from metaopt.learners.maml import conv4
 from metaopt.learners.mlp import mlp
+from metaopt.runtime import compile_loss
 from metaopt.tasks import LinearRegression, Sinusoid
 
 needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
@@ -44,6 +46,18 @@ def test_maml_check_refuses_a_wrong_meta_gradient(monkeypatch):
                         lambda model, ep, steps=bench_maml.INNER_STEPS: [1.001 * g for g in higher(model, ep, steps)])
     with pytest.raises(AssertionError, match="batched vs higher"):
         bench_maml.check_meta_gradients(mlp(1, (8,), 1), episode, ["batched"], tolerance=1e-9)
+
+
+def test_maml_compiled_meta_step_is_checked_against_higher(monkeypatch):
+    torch._dynamo.reset()
+    monkeypatch.setattr(bench_maml, "compile_loss", partial(compile_loss, backend="aot_eager"))  # no C++ compiler
+    episode = Sinusoid().sample(2, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert bench_maml.check_meta_gradients(mlp(1, (8,), 1), episode, [], tolerance=1e-9, compiled=True)
+    higher = bench_maml.higher_step
+    monkeypatch.setattr(bench_maml, "higher_step",
+                        lambda model, ep, steps=bench_maml.INNER_STEPS: [1.001 * g for g in higher(model, ep, steps)])
+    with pytest.raises(AssertionError, match="compiled vs higher"):
+        bench_maml.check_meta_gradients(mlp(1, (8,), 1), episode, [], tolerance=1e-9, compiled=True)
 
 
 def test_compare_checks_one_pass_and_solvers_in_float64():

@@ -1,5 +1,8 @@
 """InnerLoop: the func backend against the higher reference, strategies against each other, GD equivalence."""
 
+import logging
+from types import SimpleNamespace
+
 import higher
 import pytest
 import torch
@@ -9,6 +12,7 @@ from metaopt.episodes import Episode
 from metaopt.learners import GradientDescent, InnerLoop
 from metaopt.learners.maml import conv4
 from metaopt.learners.mlp import mlp
+from metaopt.runtime import compile_loss
 from metaopt.tasks import LinearRegression, Sinusoid
 from optimizers import LayerwiseMixture, adam, sgd
 
@@ -33,6 +37,14 @@ def meta_gradient(learner, episode):
     loss = learner.loss(episode)
     grads = torch.autograd.grad(loss, [p for p in learner.parameters() if p.requires_grad])
     return loss.detach(), torch.cat([g.flatten() for g in grads])
+
+
+def _conv_episode() -> tuple[nn.Module, Episode]:
+    torch.manual_seed(0)
+    net = conv4(in_channels=1, channels=4, out_features=3, image_size=16).double()
+    x = torch.randn(2, 6, 1, 16, 16, dtype=torch.float64)
+    y = torch.arange(3).repeat(2, 2)
+    return net, Episode(x[:, :3], y[:, :3], x[:, 3:], y[:, 3:], kind="classification", num_classes=3)
 
 
 OPTIMIZERS = {"sgd": lambda: sgd(0.05), "adam": lambda: adam(0.05, eps_root=1e-16)}
@@ -89,11 +101,7 @@ def test_vectorised_predictions_equal_a_loop_over_tasks(strategy):
 
 
 def test_conv_strategies_agree():
-    torch.manual_seed(0)
-    net = conv4(in_channels=1, channels=4, out_features=3, image_size=16).double()
-    x = torch.randn(2, 6, 1, 16, 16, dtype=torch.float64)
-    y = torch.arange(3).repeat(2, 2)
-    episode = Episode(x[:, :3], y[:, :3], x[:, 3:], y[:, 3:], kind="classification", num_classes=3)
+    net, episode = _conv_episode()
     results = {s: meta_gradient(InnerLoop(net, sgd(0.1), 2, strategy=s), episode) for s in ("batched", "folded", "loop")}
     reference = meta_gradient(InnerLoop(net, sgd(0.1), 2, backend="higher"), episode)
     for loss, grad in results.values():
@@ -105,6 +113,26 @@ def test_conv_strategies_agree():
     assert InnerLoop(small_mlp(), sgd(0.1), 2).resolved_strategy() == "batched"
     with pytest.raises(ValueError, match="batch/instance/layer norm"):  # functorch gets their meta-gradient wrong
         InnerLoop(net, sgd(0.1), 2, strategy="vmap")
+
+
+@pytest.mark.parametrize("case", ["mlp_full", "mlp_first_order", "mlp_truncated", "conv_folded"])
+def test_a_compiled_meta_loss_compiles_and_equals_higher(case, caplog):
+    """``compile: true`` works for the inner loop: its gradients are torch.func's under torch.compile, which
+    cannot differentiate autograd's double backward (the loss would fall back to eager with a warning), and the
+    folded conv net's custom batch-norm and pool Functions give way to torch's own there."""
+    torch._dynamo.reset()
+    if case == "conv_folded":
+        (net, episode), kwargs = _conv_episode(), {}
+    else:
+        net, episode, kwargs = small_mlp(), sinusoid_episode(), MODES[case.removeprefix("mlp_")]
+    learner = InnerLoop(net, sgd(0.1), 2, **kwargs)
+    compiled = compile_loss(learner.loss, True, "inner loop", backend="aot_eager")
+    with caplog.at_level(logging.WARNING, logger="metaopt.runtime"):
+        loss, grad = meta_gradient(SimpleNamespace(loss=compiled, parameters=learner.parameters), episode)
+    assert compiled.active and not caplog.records
+    ref_loss, ref_grad = meta_gradient(InnerLoop(net, sgd(0.1), 2, backend="higher", **kwargs), episode)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(grad, ref_grad)
 
 
 @pytest.mark.parametrize("steps", [1, 4])

@@ -12,6 +12,9 @@ with ``gradcheck`` and ``gradgradcheck``). Measured on the folded 4-conv MAML me
 - :func:`max_pool2d`: the forward runs torch's channels-last kernel (≈6× faster than the contiguous one on
   CPU) and converts back; its indices are the same as the contiguous kernel's (the first maximum of each
   window), so the backward is torch's own ``max_pool2d_with_indices_backward``, differentiable as usual.
+
+Under ``torch.compile`` both are torch's plain operations: the compiler generates its own kernels, and the
+inner loop's gradients then come from ``torch.func``, which these Functions do not support.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class _BatchNormBatchStats(torch.autograd.Function):
 def batch_norm_batch_stats(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """Training-mode batch norm of ``x`` ``[N, C, H, W]`` with its own batch statistics and affine ``weight``,
     ``bias`` ``[C]`` (``F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)``)."""
-    if not torch.is_grad_enabled():  # nothing to differentiate: the fused kernel without the Function's overhead
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():  # nothing to differentiate, or compiled
         return torch.batch_norm(x, weight, bias, None, None, True, 0.0, eps, False)
     return _BatchNormBatchStats.apply(x, weight, bias, eps)
 
@@ -79,4 +82,6 @@ class _MaxPool2d(torch.autograd.Function):
 
 def max_pool2d(x: Tensor, kernel: list[int], stride: list[int]) -> Tensor:
     """``F.max_pool2d(x, kernel, stride)`` (no padding or dilation) of a contiguous ``[N, C, H, W]`` ``x``."""
+    if torch.compiler.is_compiling():
+        return torch.nn.functional.max_pool2d(x, kernel, stride)
     return _MaxPool2d.apply(x, list(kernel), list(stride))

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from optimizers import _fused_mix
 from optimizers._checks import non_negative_float, positive_float, positive_int
 from optimizers._torch_kernels import is_plain
 from optimizers.alias import DEFAULT_BASE_LRS, DIRECTIONS
@@ -209,7 +210,7 @@ class LayerwiseMixture(nn.Module):
 
     def optimizer(
         self, meta_params: Mapping[str, Tensor] | None = None, *, names: Sequence[str] | None = None,
-        missing_loss: str = "error",
+        missing_loss: str = "error", compile: bool = False,
     ) -> GradientTransformation:
         """The functional optimizer; with ``meta_params`` (from ``named_parameters``) it uses those instead.
 
@@ -222,10 +223,16 @@ class LayerwiseMixture(nn.Module):
         moving averages of the losses given so far (0 before the first), as if the step's loss were that
         estimate. ``update`` is an :class:`~optimizers.base.InPlaceUpdate`, whose in-place step
         ``as_torch_optimizer`` uses; without a graph, ``update`` itself takes the same path on a copy of the state
-        (see :meth:`_mix_`). That in-place step warns once when it goes past ``horizon``.
+        (see :meth:`_mix_`). That in-place step warns once when it goes past ``horizon``. ``compile=True`` runs
+        it as one ``torch.compile``'d pass over each parameter for all directions together (about 3x faster on
+        a CPU; the first step compiles, which takes tens of seconds), falling back to the directions' own
+        kernels where compiling fails or a direction has no fused form (see :mod:`optimizers._fused_mix`).
         """
         if missing_loss not in ("error", "estimate"):
             raise ValueError(f"missing_loss must be 'error' or 'estimate'; got {missing_loss!r}")
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True or False; got {compile!r}")
+        fused = _fused_mix.plan(self._directions) if compile else None
         decays = torch.tensor(self.loss_decays, dtype=torch.float64)
         expected, extra = self._steps(names)
         layers = len(self.layer_names) + len(extra)
@@ -287,7 +294,7 @@ class LayerwiseMixture(nn.Module):
             ):
                 updates = {k: torch.zeros_like(grads[k]) for k in moving}
                 directions = self._mix_(updates, grads, _clone(state.directions), params, loss, step,
-                                        dict.fromkeys(moving, 1.0), self._workspace, layer_of)
+                                        dict.fromkeys(moving, 1.0), self._workspace, layer_of, fused)
                 return {k: updates.get(k) for k in grads}, LayerwiseMixtureState(count, loss_ema, directions, alpha)
             outs = [d.update(grads, s, params, loss=loss) for d, s in zip(self._directions, state.directions)]
             updates = {
@@ -304,13 +311,14 @@ class LayerwiseMixture(nn.Module):
             with torch.no_grad():
                 count, loss_ema, alpha, step = coefficients(grads, state, params, loss)
                 directions = self._mix_(targets, grads, state.directions, params, loss, step, scale, workspace,
-                                        layer_of)
+                                        layer_of, fused)
             self._warn_past_horizon(count)
             return LayerwiseMixtureState(count, loss_ema, directions, alpha)
 
         return GradientTransformation(
             init, InPlaceUpdate(update, apply_),
-            Hyperparameters(self.optimizer, {"meta_params": meta_params, "names": names, "missing_loss": missing_loss}),
+            Hyperparameters(self.optimizer, {"meta_params": meta_params, "names": names, "missing_loss": missing_loss,
+                                             "compile": compile}),
         )
 
     def _warn_past_horizon(self, count: Tensor) -> None:
@@ -343,13 +351,23 @@ class LayerwiseMixture(nn.Module):
     def _mix_(
         self, targets: Params, grads: Params, states: tuple, params: Params, loss: Tensor | None, step: Tensor,
         scale: Mapping[str, float], workspace: Workspace, layer_of: Mapping[str, int],
+        fused: _fused_mix.Plan | None = None,
     ) -> tuple:
         """Add ``scale_k · Σ_b step_{l(k),b} d_{b,k}`` to each ``targets[k]`` in place; the directions' next states.
 
         The no-grad path of both ``update`` (into zeros, on a copy of the state) and the in-place step (into the
-        parameters): each direction's own in-place kernel (:func:`~optimizers.base.apply_in_place`), which advances
-        its state tensors in place; a direction without one adds its pure update.
+        parameters): with a ``fused`` plan, the compiled step of all directions at once; otherwise (or when it is
+        unavailable) each direction's own in-place kernel (:func:`~optimizers.base.apply_in_place`), which
+        advances its state tensors in place; a direction without one adds its pure update.
         """
+        keys = present(grads)
+        if fused is not None and len({(grads[k].dtype, grads[k].device) for k in keys} | {
+                (targets[k].dtype, targets[k].device) for k in keys}) == 1:
+            index = torch.tensor([layer_of[k] for k in keys], device=step.device)
+            factors = torch.tensor([scale[k] for k in keys], dtype=step.dtype, device=step.device)
+            if _fused_mix.compiled_step(fused)([targets[k] for k in keys], [grads[k] for k in keys], states, keys,
+                                               factors[:, None] * step[index]):
+                return tuple(states)
         rows = step.tolist()  # [layers][directions], Python floats
         layer_rows = {k: rows[layer_of[k]] for k in present(grads)}
         return tuple(

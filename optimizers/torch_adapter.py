@@ -65,7 +65,8 @@ TORCH_OPTIONS = frozenset({
 """Hyper-parameter names of ``torch.optim``'s optimizers (and of ours): in a param group, each must be an option
 of the group's optimizer. ``SPEED_FLAGS`` among them are accepted when off (None or False): they change no math."""
 SPEED_FLAGS = frozenset({"capturable", "differentiable", "foreach", "fused"})
-_BUILD_ONLY = frozenset({"lr", "meta_params", "missing_loss", "names"})  # recorded arguments, no group options
+# recorded arguments, no group options
+_BUILD_ONLY = frozenset({"compile", "lr", "meta_params", "missing_loss", "names"})
 
 
 class FunctionalOptimizer(torch.optim.Optimizer):

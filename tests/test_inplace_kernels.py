@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 import optimizers as O
+from optimizers import _fused_mix
 from optimizers import _torch_kernels as kernels
 from optimizers.alias import DEFAULT_BASE_LRS
 
@@ -188,12 +189,13 @@ def _mixture(directions, **kwargs) -> O.LayerwiseMixture:
     return mixture
 
 
-def _torch_step_against_graph_path(mixture: O.LayerwiseMixture, steps: int = 5) -> None:
-    """The in-place step of ``as_torch_optimizer`` equals the mixture's differentiable update, in float64."""
+def _torch_step_against_graph_path(mixture: O.LayerwiseMixture, steps: int = 5, **options) -> None:
+    """The in-place step of ``as_torch_optimizer`` (of ``mixture.optimizer(**options)``) equals the mixture's
+    differentiable update, in float64."""
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 4, generator=g, dtype=F64), torch.randn(16, 3, generator=g, dtype=F64)
     net, reference = _net(), _net()
-    optimizer = O.as_torch_optimizer(mixture.optimizer(), net.named_parameters())
+    optimizer = O.as_torch_optimizer(mixture.optimizer(**options), net.named_parameters())
     functional = mixture.optimizer()
     params = {k: v.detach().clone() for k, v in reference.named_parameters()}
     state = functional.init(params)
@@ -212,6 +214,42 @@ def _torch_step_against_graph_path(mixture: O.LayerwiseMixture, steps: int = 5) 
 
 def test_mixture_of_every_direction_steps_in_place_like_its_graph_path():
     _torch_step_against_graph_path(_mixture(tuple(O.DIRECTIONS)))
+
+
+def test_compiled_fused_step_of_every_direction_equals_its_graph_path():
+    """One compiled pass for all directions: parameters and every direction's state (momentum traces, Adam's
+    moments and counts, ...) after five steps, from the first, with each layer's own coefficients."""
+    mixture = _mixture(tuple(O.DIRECTIONS))
+    plan = _fused_mix.plan(mixture._directions)
+    assert plan is not None and [kind for kind, _ in plan] == list(O.DIRECTIONS)
+    _torch_step_against_graph_path(mixture, compile=True)
+    assert _fused_mix._COMPILED[plan] is not None  # it compiled and ran, rather than falling back
+
+
+def test_compiled_step_falls_back_to_the_kernels_when_compiling_fails(monkeypatch, caplog):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(_fused_mix, "_COMPILED", {})
+    mixture = _mixture(("sgd", "momentum", "adam", "rmsprop", "sign"))
+    with caplog.at_level(logging.WARNING, logger=_fused_mix.__name__):
+        _torch_step_against_graph_path(mixture, compile=True)  # Adam's counts are not advanced twice
+    assert list(_fused_mix._COMPILED.values()) == [None]
+    assert sum("fused mixture step failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_only_directions_with_a_known_rule_and_number_hyperparameters_are_fused():
+    assert _fused_mix.plan([O.adam_direction(b1=0.8), O.sign_direction()]) == (
+        ("adam", (("b1", 0.8), ("b2", 0.999), ("eps", 1e-8), ("eps_root", 0.0))), ("sign", ()))
+    assert _fused_mix.plan([O.adam_direction(amsgrad=True)]) is None
+    assert _fused_mix.plan([O.rmsprop_direction(centered=True)]) is None
+    assert _fused_mix.plan([O.adam_direction(b1=torch.tensor(0.8))]) is None
+    assert _fused_mix.plan([O.chain(O.adam_direction(), O.scale(2.0))]) is None
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        _mixture(("adam",)).optimizer(compile="yes")
 
 
 def test_a_direction_without_a_kernel_is_mixed_correctly(monkeypatch):

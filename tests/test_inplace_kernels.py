@@ -225,6 +225,20 @@ def test_compiled_fused_step_of_every_direction_equals_its_graph_path():
     _torch_step_against_graph_path(mixture, compile=True)
     assert _fused_mix._COMPILED[plan] is not None  # it compiled and ran, rather than falling back
 
+    # the no-grad functional update takes the same compiled step, on a copy of the state
+    compiled, graph = mixture.optimizer(compile=True), mixture.optimizer()
+    params = {k: v.detach().clone() for k, v in _net().named_parameters()}
+    state, reference = compiled.init(params), graph.init(params)
+    g = torch.Generator().manual_seed(4)
+    for step in range(3):
+        grads = {k: torch.randn(v.shape, generator=g, dtype=F64) for k, v in params.items()}
+        with torch.no_grad():
+            updates, state = compiled.update(grads, state, params, loss=torch.tensor(1.0 + step, dtype=F64))
+        expected, reference = graph.update(grads, reference, params, loss=torch.tensor(1.0 + step, dtype=F64))
+        _assert_trees_close(updates, expected, rtol=1e-10, atol=1e-12)
+        params = O.apply_updates(params, updates)
+    _assert_trees_close(state.directions, reference.directions, rtol=1e-10, atol=1e-12)
+
 
 def test_compiled_step_falls_back_to_the_kernels_when_compiling_fails(monkeypatch, caplog):
     def broken_compile(fn, **kwargs):

@@ -165,7 +165,7 @@ def compiled_step(steps: Plan) -> Callable[..., bool]:
         numbers = _advance_counts(steps, states, keys, grads[0])
         try:
             fn(list(targets), list(grads), _state_columns(steps, states, keys), numbers, coef)
-        except Exception as error:  # noqa: BLE001 - torch.compile raises many kinds (backend, compiler, platform)
+        except Exception as error:  # torch.compile fails in many ways (backend, C++ compiler, platform, device)
             log.warning("compiling the fused mixture step failed (%s: %s); using the directions' own kernels",
                         type(error).__name__, str(error).splitlines()[0] if str(error) else "")
             _COMPILED[steps] = None

@@ -216,10 +216,12 @@ def test_mixture_of_every_direction_steps_in_place_like_its_graph_path():
     _torch_step_against_graph_path(_mixture(tuple(O.DIRECTIONS)))
 
 
-def test_compiled_fused_step_of_every_direction_equals_its_graph_path():
+@pytest.mark.parametrize("eps_root", [0.0, 1e-12])
+def test_compiled_fused_step_of_every_direction_equals_its_graph_path(eps_root):
     """One compiled pass for all directions: parameters and every direction's state (momentum traces, Adam's
     moments and counts, ...) after five steps, from the first, with each layer's own coefficients."""
-    mixture = _mixture(tuple(O.DIRECTIONS))
+    roots = {"adam": {"eps_root": eps_root}, "rmsprop": {"eps_root": eps_root}}
+    mixture = _mixture(tuple(O.DIRECTIONS), direction_kwargs=roots)
     plan = _fused_mix.plan(mixture._directions)
     assert plan is not None and [kind for kind, _ in plan] == list(O.DIRECTIONS)
     _torch_step_against_graph_path(mixture, compile=True)

@@ -49,6 +49,11 @@ class Encoder(nn.Module):
     Softmax attention without biases and an MLP of width ``2 · n_embd``; ``layer_norm=False`` leaves the
     residual stream un-normalised (hand-set weights). ``key_mask`` ``[T, L]`` (True = visible) hides tokens
     from every other token.
+
+    Only the outputs at the last tokens (a layer generator's weight-slice placeholders) are read, so the
+    blocks run on the blocks' own weights with two savings that leave every output as ``Block`` computes it:
+    the last block attends from those tokens only (the other tokens' outputs would be dropped), and tokens
+    that are the same in every task (the placeholders) are normalised and projected once, not once per task.
     """
 
     def __init__(self, n_embd: int, n_head: int, n_layer: int, layer_norm: bool = True) -> None:
@@ -59,11 +64,45 @@ class Encoder(nn.Module):
                                      for _ in range(n_layer)])
         self.ln_f = norm(n_embd)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, queries: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """The final outputs ``[T, P, C]`` at the tokens ``queries``, which follow the tokens ``x`` ``[T, S, C]``.
+
+        ``queries`` is ``[P, C]`` when it is the same in every task, else ``[T, P, C]``; ``key_mask`` covers all
+        ``S + P`` tokens.
+        """
         mask = None if key_mask is None else key_mask[:, None, None, :]  # [T, 1, 1, L], broadcast over queries
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.ln_f(x)
+        last = len(self.blocks) - 1
+        for index, block in enumerate(self.blocks):
+            x, queries = _block(block, x, queries, mask, outputs_of_x=index < last)
+        return self.ln_f(queries)
+
+
+def _block(block: Block, x: Tensor, y: Tensor, mask: Tensor | None, *,
+           outputs_of_x: bool) -> tuple[Tensor, Tensor]:
+    """``block`` on the tokens ``[x; y]``: ``x`` ``[T, S, C]``, ``y`` ``[P, C]`` (every task's) or ``[T, P, C]``.
+
+    Returns the block's outputs at ``x`` (``x`` itself unless ``outputs_of_x``) and at ``y`` ``[T, P, C]``.
+    """
+    attn = block.attn
+    T, S, C = x.shape
+    H, D = attn.n_head, attn.head_dim
+    if y.dim() == 2:  # the same tokens in every task: one row each through the norm and the projection
+        P = y.shape[0]
+        qkv = attn.qkv(block.ln_1(torch.cat([x.reshape(T * S, C), y])))
+        qkv = torch.cat([qkv[:T * S].view(T, S, -1), qkv[T * S:].expand(T, P, -1)], dim=1)
+    else:
+        P = y.shape[1]
+        qkv = attn.qkv(block.ln_1(torch.cat([x, y], dim=1)))
+    # [T, L, 3 H D] -> 3 x [T, H, L, D]
+    q, k, v = (t.view(T, S + P, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
+    if not outputs_of_x:
+        q = q[:, :, S:]
+    dropout = attn.dropout if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    h = attn.proj(out.transpose(1, 2).reshape(T, -1, H * D))
+    h = h + (torch.cat([x, y.expand(T, P, C)], dim=1) if outputs_of_x else y)
+    h = h + block.mlp(block.ln_2(h))
+    return (h[:, :S], h[:, S:]) if outputs_of_x else (x, h)
 
 
 # ---------------------------------------------------------------------- token features
@@ -153,22 +192,19 @@ class LayerGenerator(nn.Module):
         """
         T, M = label_tokens.shape[:2]
         out = self.layer.out_channels
-        support = torch.cat([label_tokens, image_features, self.activation_features(activations)], dim=-1)
-        placeholders = self.placeholders.expand(T, -1, -1)
+        tokens = torch.cat([label_tokens, image_features, self.activation_features(activations)], dim=-1)
+        placeholders = self.placeholders  # the same in every task: [out, n_embd]
         if self.label_placeholders:
             placeholders = placeholders + F.pad(label_table[:out], (0, placeholders.shape[-1] - self.label_dim))
-        tokens = [support]
         if previous is not None:
             if self.weight_tokens is None:
                 raise ValueError(f"LayerGenerator({self.layer.name}): got previous weights but feedback=False; "
                                  "expected previous=None or a generator built with feedback=True")
-            tokens.append(self.weight_tokens(previous) + self.placeholders)  # channel identity rides along
-        tokens.append(placeholders)
-        x = torch.cat(tokens, dim=1)
+            # channel identity rides along
+            tokens = torch.cat([tokens, self.weight_tokens(previous) + self.placeholders], dim=1)
         if key_mask is not None:  # weight and placeholder tokens are always visible
-            key_mask = torch.cat([key_mask, key_mask.new_ones(T, x.shape[1] - M)], dim=1)
-        x = self.encoder(x, key_mask)
-        return self.head(x[:, -out:])
+            key_mask = torch.cat([key_mask, key_mask.new_ones(T, tokens.shape[1] + out - M)], dim=1)
+        return self.head(self.encoder(tokens, placeholders, key_mask))
 
 
 class WeightGenerator(nn.Module):
@@ -253,7 +289,8 @@ class WeightGenerator(nn.Module):
             else:
                 for key in (f"{layer.name}_weight", f"{layer.name}_bias"):
                     params[key] = self.shared[key].expand(T, *self.shared[key].shape)
-            h = self.cnn.folded_block(index, params, h, norm_examples=num_labeled)
+            if x_rest is not None or index < len(self.cnn.layers) - 1:  # the logits of the tokens are not needed
+                h = self.cnn.folded_block(index, params, h, norm_examples=num_labeled)
         return params, None if x_rest is None else unfold(h[M:])  # the logits of x_rest, [T, R, K]
 
 

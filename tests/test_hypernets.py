@@ -213,6 +213,78 @@ def test_a_hand_set_attention_layer_generates_the_prototype_logits_weights():
     torch.testing.assert_close(params["logits_bias"], torch.zeros(2, WAYS))
 
 
+def reference_weights(generator, x_tokens, labels, num_labeled, token_mask=None, previous=None):
+    """``WeightGenerator``'s weights as first formulated: task by task, every token through every ``Block``."""
+    tasks = []
+    for t in range(labels.shape[0]):
+        h = fold(x_tokens[t:t + 1], channels_last=True)
+        label_tokens, image_features = generator.labels(labels[t:t + 1]), generator.embedder(h)
+        params = {}
+        for index, layer in enumerate(generator.cnn.layers):
+            if layer.name in generator.generators:
+                gen = generator.generators[layer.name]
+                support = torch.cat([label_tokens, image_features, gen.activation_features(h)], dim=-1)
+                placeholders = gen.placeholders.expand(1, -1, -1)
+                if gen.label_placeholders:
+                    labels_part = generator.labels.weight[:layer.out_channels]
+                    placeholders = placeholders + nn.functional.pad(labels_part, (0, placeholders.shape[-1]
+                                                                                  - gen.label_dim))
+                tokens = [support]
+                if previous is not None:
+                    prev = layer.to_slices({k: v[t:t + 1] for k, v in previous.items()})
+                    tokens.append(gen.weight_tokens(prev) + gen.placeholders)
+                x = torch.cat([*tokens, placeholders], dim=1)
+                mask = None
+                if token_mask is not None:
+                    mask = torch.cat([token_mask[t:t + 1], token_mask.new_ones(1, x.shape[1] - labels.shape[1])], 1)
+                    mask = mask[:, None, None, :]
+                for block in gen.encoder.blocks:
+                    x = block(x, mask)
+                params.update(layer.from_slices(gen.head(gen.encoder.ln_f(x)[:, -layer.out_channels:])))
+            else:
+                for key in (f"{layer.name}_weight", f"{layer.name}_bias"):
+                    params[key] = generator.shared[key].unsqueeze(0)
+            h = generator.cnn.folded_block(index, params, h, norm_examples=num_labeled)
+        tasks.append(params)
+    return {name: torch.cat([p[name] for p in tasks]) for name in tasks[0]}
+
+
+@pytest.mark.parametrize("n_layer, generate, masked, feedback", [
+    (1, "all", False, False), (2, "all", True, False), (1, "logits", True, False), (2, "all", False, True),
+    (1, "all", True, True)])
+def test_generated_weights_and_gradients_match_the_per_task_reference(n_layer, generate, masked, feedback):
+    """The batched encoder (placeholders projected once, the last block attending from them only) is exact."""
+    from hypernets import WeightGenerator
+
+    cnn = FunctionalCNN([4, 6, 4, 8], num_classes=WAYS, image_size=16)
+    generator = WeightGenerator(cnn, WAYS, generate=generate, n_layer=n_layer, label_dim=8, image_dim=8,
+                                activation_dim=8, embedder_channels=4, feedback=feedback).double()
+    episode = image_episode(num_tasks=3, shots=2, unlabeled=2)
+    x = torch.cat([episode.x_support, episode.x_unlabeled], dim=1).double()
+    labels = torch.cat([episode.y_support, torch.full((3, 2), WAYS)], dim=1)
+    mask = torch.tensor([[True] * 6 + [True, False], [True] * 6 + [False, False], [True] * 8]) if masked else None
+    previous = None
+    if feedback:
+        previous = {k: torch.randn(3, *v, dtype=torch.float64) for k, v in cnn.param_shapes().items()}
+    weights = {k: torch.randn(3, *v, dtype=torch.float64) for k, v in cnn.param_shapes().items()}
+    results = []
+    for fn in (lambda: generator(x, labels, 6, token_mask=mask, previous=previous)[0],
+               lambda: reference_weights(generator, x, labels, 6, mask, previous)):
+        generator.zero_grad()
+        params = fn()
+        sum((params[k] * weights[k]).sum() for k in weights).backward()
+        results.append((params, {n: p.grad.clone() for n, p in generator.named_parameters() if p.grad is not None}))
+    (params, grads), (ref_params, ref_grads) = results
+    assert params.keys() == ref_params.keys() and grads.keys() == ref_grads.keys()
+    for name in ref_params:
+        torch.testing.assert_close(params[name], ref_params[name], rtol=1e-10, atol=1e-12)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-10, atol=1e-12)
+    if masked:  # the reference's mask matters, so the test sees a broken mask
+        unmasked = reference_weights(generator, x, labels, 6, None, previous)
+        assert not torch.allclose(unmasked["logits_weight"], ref_params["logits_weight"])
+
+
 def test_ht_refuses_wrong_ways_and_empty_support():
     ht = small_ht()
     with pytest.raises(ValueError, match="num_classes"):

@@ -11,6 +11,7 @@ meta-trained); see ``docs/torch_optim.md``. :mod:`optimizers.saving` writes a tr
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -38,6 +39,8 @@ from optimizers.base import (
     zeros_like_tree,
 )
 from optimizers.layers import KINDS, layer_groups, layer_kind, layer_kinds
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "LayerwiseMixture",
@@ -257,8 +260,10 @@ class LayerwiseMixture(nn.Module):
                 coefficients=torch.zeros(layers, len(self.direction_names), dtype=dtype),
             )
 
-        def coefficients(grads, state, params, loss) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            """``(count, loss_ema, α, -α η)`` of this update; ``α`` and ``-α η`` are [layers, directions]."""
+        def coefficients(grads, state, params, loss, *, fast: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            """``(count, loss_ema, α, -α η)`` of this update; ``α`` and ``-α η`` are [layers, directions].
+
+            ``fast``: compiled along with the fused step (no graph, plain tensors), when that is on and compiles."""
             if params is None:
                 raise ValueError("LayerwiseMixture needs params (a feature); call update(grads, state, params)")
             if loss is None and not self.static and missing_loss == "error":  # the loss moving averages are features
@@ -268,13 +273,24 @@ class LayerwiseMixture(nn.Module):
                     "(or build it with optimizer(missing_loss='estimate') to use the running estimate)"
                 )
             grads = {k: grads[k] for k in present(grads)}
+            rows(params)  # fixed at the first call, outside a compiled region
+            if fast and compiled_core:
+                try:
+                    return compiled_core[0](grads, state.count, state.loss_ema, params, loss)
+                except Exception as error:  # torch.compile fails in many ways (backend, C++ compiler, platform)
+                    log.warning("compiling the mixture's coefficients failed (%s: %s); computing them eagerly",
+                                type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+                    compiled_core.clear()
+            return core(grads, state.count, state.loss_ema, params, loss)
+
+        def core(grads, state_count, state_loss_ema, params, loss) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             like = next(iter(grads.values()))
-            count = state.count + 1
-            loss_ema, features = state.loss_ema, like.new_zeros(())  # a static mixture reads no features
+            count = state_count + 1
+            loss_ema, features = state_loss_ema, like.new_zeros(())  # a static mixture reads no features
             if not self.static:
                 rates = decays.to(like.dtype)
                 if loss is None:  # a step at the current estimate leaves the bias-corrected averages where they are
-                    done = (1.0 - rates ** state.count.to(like.dtype)).clamp_min(torch.finfo(like.dtype).tiny)
+                    done = (1.0 - rates ** state_count.to(like.dtype)).clamp_min(torch.finfo(like.dtype).tiny)
                     loss = loss_ema / done
                 loss_ema = rates * loss_ema + (1.0 - rates) * loss
                 ema_hat = loss_ema / (1.0 - rates ** count.to(like.dtype))
@@ -284,6 +300,9 @@ class LayerwiseMixture(nn.Module):
                      else _call(self, meta_params, features, extra_rows)).to(like.dtype)
             step = -alpha * torch.tensor(self.base_lrs, dtype=like.dtype, device=like.device)
             return count, loss_ema, alpha, step
+
+        # with the fused step, the features and the coefficient MLP (tens of small ops) are compiled too
+        compiled_core = [torch.compile(core, fullgraph=True)] if fused and hasattr(torch, "compile") else []
 
         def update(grads, state, params=None, *, loss=None):
             moving = present(grads)
@@ -310,7 +329,7 @@ class LayerwiseMixture(nn.Module):
             if not present(grads):
                 return state
             with torch.no_grad():
-                count, loss_ema, alpha, step = coefficients(grads, state, params, loss)
+                count, loss_ema, alpha, step = coefficients(grads, state, params, loss, fast=True)
                 directions = self._mix_(targets, grads, state.directions, params, loss, step, scale, workspace,
                                         layer_of, fused)
             self._warn_past_horizon(count)

@@ -217,15 +217,17 @@ def test_mixture_of_every_direction_steps_in_place_like_its_graph_path():
 
 
 @pytest.mark.parametrize("eps_root", [0.0, 1e-12])
-def test_compiled_fused_step_of_every_direction_equals_its_graph_path(eps_root):
+def test_compiled_fused_step_of_every_direction_equals_its_graph_path(eps_root, caplog):
     """One compiled pass for all directions: parameters and every direction's state (momentum traces, Adam's
     moments and counts, ...) after five steps, from the first, with each layer's own coefficients."""
     roots = {"adam": {"eps_root": eps_root}, "rmsprop": {"eps_root": eps_root}}
     mixture = _mixture(tuple(O.DIRECTIONS), direction_kwargs=roots)
     plan = _fused_mix.plan(mixture._directions)
     assert plan is not None and [kind for kind, _ in plan] == list(O.DIRECTIONS)
-    _torch_step_against_graph_path(mixture, compile=True)
+    with caplog.at_level(logging.WARNING):
+        _torch_step_against_graph_path(mixture, compile=True)
     assert _fused_mix._COMPILED[plan] is not None  # it compiled and ran, rather than falling back
+    assert not [r for r in caplog.records if "failed" in r.getMessage()]  # nor did the coefficients fall back
 
     # the no-grad functional update takes the same compiled step, on a copy of the state
     compiled, graph = mixture.optimizer(compile=True), mixture.optimizer()
@@ -251,10 +253,11 @@ def test_compiled_step_falls_back_to_the_kernels_when_compiling_fails(monkeypatc
     monkeypatch.setattr(torch, "compile", broken_compile)
     monkeypatch.setattr(_fused_mix, "_COMPILED", {})
     mixture = _mixture(("sgd", "momentum", "adam", "rmsprop", "sign"))
-    with caplog.at_level(logging.WARNING, logger=_fused_mix.__name__):
+    with caplog.at_level(logging.WARNING):
         _torch_step_against_graph_path(mixture, compile=True)  # Adam's counts are not advanced twice
     assert list(_fused_mix._COMPILED.values()) == [None]
     assert sum("fused mixture step failed" in r.getMessage() for r in caplog.records) == 1
+    assert sum("coefficients failed" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_only_directions_with_a_known_rule_and_number_hyperparameters_are_fused():

@@ -134,6 +134,8 @@ def compare_meta_steps(model: nn.Module, episode: Episode, strategies: list[str]
                for s, l in learners.items()}
     compile_seconds = None
     if compiles:
+        # a fresh compiler state: after the float64 check's graph, a recompile would make the shapes dynamic
+        torch._dynamo.reset()
         start = time.perf_counter()
         step = compiled_step(MAML(model, INNER_STEPS, INNER_LR))
         step(episode)

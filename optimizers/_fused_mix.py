@@ -77,11 +77,11 @@ def _advance_counts(steps: Plan, states: Sequence[object], keys: Sequence[str], 
             continue
         counts = [state.count[k] for k in keys]
         torch._foreach_add_(counts, 1)
-        t = torch.stack(counts).to(device=like.device, dtype=like.dtype)
+        # in float64, then the parameters' dtype: in bfloat16 0.999 rounds to 1, and 1 - b2^t would be 0
+        t = torch.stack(counts).to(device=like.device, dtype=torch.float64)
         b1, b2 = dict(h)["b1"], dict(h)["b2"]
-        correction2 = 1.0 - torch.as_tensor(b2, dtype=like.dtype, device=like.device) ** t
-        out.append(torch.stack([1.0 - torch.as_tensor(b1, dtype=like.dtype, device=like.device) ** t, correction2,
-                                torch.sqrt(correction2)], dim=-1))
+        correction1, correction2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+        out.append(torch.stack([correction1, correction2, torch.sqrt(correction2)], dim=-1).to(like.dtype))
     return out
 
 

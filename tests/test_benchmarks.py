@@ -60,6 +60,17 @@ def test_maml_compiled_meta_step_is_checked_against_higher(monkeypatch):
         bench_maml.check_meta_gradients(mlp(1, (8,), 1), episode, [], tolerance=1e-9, compiled=True)
 
 
+def test_maml_compiled_step_that_fell_back_to_eager_is_not_reported_as_compiled(monkeypatch, caplog):
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("no C++ compiler")
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(bench_maml, "compile_loss", partial(compile_loss, backend=failing_backend))
+    episode = Sinusoid().sample(2, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert not bench_maml.check_meta_gradients(mlp(1, (8,), 1), episode, [], tolerance=1e-9, compiled=True)
+    assert "runs eagerly" in caplog.text
+
+
 def test_compare_checks_one_pass_and_solvers_in_float64():
     episode = LinearRegression(3).sample(4, 5, 2, generator=torch.Generator().manual_seed(0))
     model = Transformer(3, max_support=5, n_embd=16, n_layer=1, n_head=2).eval()

@@ -4,6 +4,8 @@ public fallback, and the learned mixture's fast path, with and without kernels, 
 from __future__ import annotations
 
 import logging
+import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -216,6 +218,8 @@ def test_mixture_of_every_direction_steps_in_place_like_its_graph_path():
     _torch_step_against_graph_path(_mixture(tuple(O.DIRECTIONS)))
 
 
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor's CPU backend needs a C++ compiler")
 @pytest.mark.parametrize("eps_root", [0.0, 1e-12])
 def test_compiled_fused_step_of_every_direction_equals_its_graph_path(eps_root, caplog):
     """One compiled pass for all directions: parameters and every direction's state (momentum traces, Adam's
@@ -242,6 +246,17 @@ def test_compiled_fused_step_of_every_direction_equals_its_graph_path(eps_root, 
         _assert_trees_close(updates, expected, rtol=1e-10, atol=1e-12)
         params = O.apply_updates(params, updates)
     _assert_trees_close(state.directions, reference.directions, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_adams_bias_corrections_of_the_fused_step_hold_in_low_precision(dtype):
+    """1 - 0.999^t in bfloat16 arithmetic is 0 (0.999 rounds to 1): the corrections are computed in float64."""
+    state = SimpleNamespace(count={"w": torch.zeros((), dtype=torch.int64)})
+    steps = (("adam", (("b1", 0.9), ("b2", 0.999), ("eps", 1e-8), ("eps_root", 0.0))),)
+    (numbers,) = _fused_mix._advance_counts(steps, [state], ["w"], torch.zeros(3, dtype=dtype))
+    expected = torch.tensor([[0.1, 1e-3, 1e-3 ** 0.5]], dtype=torch.float64).to(dtype)
+    assert numbers.dtype == dtype and state.count["w"] == 1
+    torch.testing.assert_close(numbers, expected, rtol=0, atol=0)
 
 
 def test_compiled_step_falls_back_to_the_kernels_when_compiling_fails(monkeypatch, caplog):

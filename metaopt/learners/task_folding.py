@@ -53,16 +53,18 @@ Strategy = Literal["auto", "batched", "folded", "vmap", "loop"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 # Layers that act on every channel of every example alone: they run on the folded batch as they are.
-_CHANNELWISE = (
+_ELEMENTWISE_LAYERS = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
     nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Identity,
+)
+_CHANNELWISE = _ELEMENTWISE_LAYERS + (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
 )
 _EXACT_CHANNELWISE = frozenset(_CHANNELWISE)
 # Layers that act on every entry alone: between linear layers they run on ``[T, N, features]`` as they are.
-_ELEMENTWISE = frozenset(_CHANNELWISE[:_CHANNELWISE.index(nn.Identity) + 1])
+_ELEMENTWISE = frozenset(_ELEMENTWISE_LAYERS)
 _CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 Weights = dict[str, Tensor]

@@ -27,6 +27,7 @@ import optimizers._torch_kernels as kernels
 from benchmarks.flops import achieved, pointwise_flops
 from benchmarks.memory import SavedTensors
 from benchmarks.timing import best_of
+from optimizers import _fused_mix
 from optimizers.environments import Environment, mlp_apply, mlp_init
 
 ESTIMATORS = {
@@ -54,7 +55,9 @@ def _step_time() -> dict:
     with _public_ops():
         mixture_flop = pointwise_flops(lambda: eager.step(loss=loss))
     adam_flop = pointwise_flops(adam.step)
+    compiled = _fused_mix._COMPILED.get(_fused_mix.plan(mixture._directions)) is not None  # False: it fell back
     return {"parameters": sum(p.numel() for p in net.parameters()), "layerwise_mixture_step_s": mixture_s,
+            "layerwise_mixture_step_compiled": compiled,
             "layerwise_mixture_eager_step_s": eager_s, "torch_adam_foreach_step_s": adam_s,
             "ratio": mixture_s / adam_s, "eager_ratio": eager_s / adam_s, "target_ratio": 1.3,
             "layerwise_mixture_rate": achieved(mixture_flop, mixture_s),

@@ -260,9 +260,8 @@ class InnerLoop(Learner):
                 grads = _detached(grads) if constant else grads
             else:  # eagerly autograd's double backward is the faster
                 params = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
-                _, losses = summed_loss(params)
-                grads = dict(zip(params, torch.autograd.grad(losses.sum(), list(params.values()),
-                                                             create_graph=not constant)))
+                total, losses = summed_loss(params)
+                grads = dict(zip(params, torch.autograd.grad(total, list(params.values()), create_graph=not constant)))
             updates, state = update(grads, state, params, losses.detach())
             params = apply_updates(params, updates)
             if not differentiable:

@@ -10,7 +10,8 @@ once, forward only, while the inner loop runs it forward and backward five times
 Measured with ``python -m benchmarks hypertransformer --threads 1`` on a shared 2-core machine (two runs, fp32
 matmul 89 and 77 GFLOP/s; MAML's own times moved by up to 40% between them): width 8, 100 tasks (the batch
 ``metaopt compare`` evaluates): 27–29 ms vs 268–304 ms (9.1–11.3×); 16 tasks: 6.0–7.3 ms vs 43 ms (5.9–7.3×);
-one task: 2.6–3.1 ms vs 15–21 ms (5.6–6.7×); width 32, 16 tasks: 15–23 ms vs 178–210 ms (9.3–11.6×). The
+one task: 2.6–3.1 ms vs 15–21 ms (5.6–6.7×); width 32, 16 tasks: 15–23 ms vs 178–210 ms (9.3–11.6×). On the
+same machine quiet (matmul 102 GFLOP/s) MAML ran faster and the ratios were 7.5× / 7.2× / 6.9× / 7.3×. The
 encoders normalise and project the placeholder tokens once for every task and attend from them alone in their
 last block (``hypernets.hypertransformer.Encoder``), and the logits of the support images are not computed:
 100 tasks went from 32 ms to 27–29 ms. The target is not met yet: up to 16 tasks the generator is bound by

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import bench_compare, bench_curves, bench_maml, bench_optimizers, bench_transformer
+from benchmarks import (bench_compare, bench_curves, bench_hypertransformer, bench_maml, bench_optimizers,
+                        bench_transformer)
 from benchmarks.__main__ import main as benchmarks
 from benchmarks.flops import achieved, count_flops, machine_rate, pointwise_flops
 from benchmarks.memory import peak_saved_mib, saved_megabytes
@@ -22,7 +23,7 @@ from metaopt.learners import LeastSquares, Ridge, Transformer
 from metaopt.learners.maml import conv4
 from metaopt.learners.mlp import mlp
 from metaopt.runtime import compile_loss
-from metaopt.tasks import LinearRegression, Sinusoid
+from metaopt.tasks import FewShotImages, Glyphs, LinearRegression, Sinusoid
 
 needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                                         reason="transformers (the bench extra) is not installed")
@@ -69,6 +70,19 @@ def test_maml_compiled_step_that_fell_back_to_eager_is_not_reported_as_compiled(
     episode = Sinusoid().sample(2, 4, 4, generator=torch.Generator().manual_seed(0))
     assert not bench_maml.check_meta_gradients(mlp(1, (8,), 1), episode, [], tolerance=1e-9, compiled=True)
     assert "runs eagerly" in caplog.text
+
+
+def test_hypertransformer_pair_states_what_the_target_asks_of_the_arithmetic():
+    family = FewShotImages(Glyphs(), ways=5, shots=1, queries=5, split="test")
+    episode = family.sample(1, family.support_size, family.query_size, generator=torch.Generator().manual_seed(0))
+    row = bench_hypertransformer._pair(episode, 4)
+    generate, adapt = row["ht_generate_rate"], row["maml_5_step_adapt_rate"]
+    assert generate["gflop"] > 0 and row["flop_ratio"] == pytest.approx(adapt["gflop"] / generate["gflop"])
+    needed = row["generate_rate_needed_for_target"]
+    # finishing in 1/12 of the adaptation's time: the generator's work at 12 / flop_ratio times MAML's rate
+    assert needed["gflop"] == generate["gflop"]
+    assert needed["gflops"] == pytest.approx(adapt["gflops"] * 12.0 / row["flop_ratio"])
+    assert row["speedup"] == pytest.approx(row["maml_5_step_adapt_s"] / row["ht_generate_s"])
 
 
 def test_compare_checks_one_pass_and_solvers_in_float64():

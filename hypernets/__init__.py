@@ -12,6 +12,8 @@ from hypernets.continual import (
     split_tasks,
 )
 from hypernets.hypertransformer import HyperTransformer, WeightGenerator
+from hypernets.specificity import specificity, weight_specificity
 
 __all__ = ["FunctionalCNN", "TargetCNN", "LayerSpec", "HyperTransformer", "WeightGenerator",
-           "ContinualHyperTransformer", "ContinualResult", "evaluate_continual", "evaluate_sequences", "split_tasks"]
+           "ContinualHyperTransformer", "ContinualResult", "evaluate_continual", "evaluate_sequences", "split_tasks",
+           "specificity", "weight_specificity"]

@@ -75,6 +75,7 @@ _EXTRA = {
         "task.queries=1", "train.query=15", "compare.query=15", "compare.num_tasks=4",
         "evaluate=[{_target_: hypernets.continual.evaluate_sequences, lengths: [3], sequences: 2}]",
     ],
+    "hypertransformer": ["evaluate=[{_target_: hypernets.specificity.weight_specificity, episodes: 8}]"],
     # a tiny ViT pretrained for two steps, two fine-tuning steps per way on a few images per class
     "memory_tokens": [
         "evaluate=[{_target_: metaopt.finetune.memory_token_study, vit: {image_size: 28, patch_size: 14, n_embd: 8, "

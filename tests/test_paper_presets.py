@@ -62,7 +62,8 @@ EXTRA = {
                           for k, v in (("n_embd", 32), ("n_layer", 2))]
     + ["compare.analysis=[{name: dual_form, num_tasks: 2, shared: 1, lr: 0.1, demonstrations: 4}]"],
     "hypertransformer": ["train.batch_size=2", "task.queries=1", "train.query=20", "compare.query=20",
-                         "learners.maml.train.batch_size=2"],
+                         "learners.maml.train.batch_size=2",
+                         "evaluate=[{_target_: hypernets.specificity.weight_specificity, episodes: 4}]"],
     "hypertransformer_semisupervised": ["train.batch_size=2", "task.queries=1", "train.query=20", "compare.query=20"],
     "continual_hypertransformer": [
         "train.batch_size=2", "task.queries=1", "train.query=25", "compare.query=25",

@@ -1,0 +1,91 @@
+"""How episode-specific a HyperTransformer's generated layers are: spread, swap test, and the recipe hook."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hypernets import HyperTransformer
+from hypernets.specificity import _spread, specificity, weight_specificity
+from metaopt.cli import main
+from metaopt.testing import shrunk
+from metaopt.tasks import FewShotImages, Glyphs
+
+
+def _episodes(num_tasks: int = 24):
+    family = FewShotImages(Glyphs(), ways=3, shots=1, queries=4, split="test")
+    return family.sample(num_tasks, family.support_size, family.query_size, generator=torch.Generator().manual_seed(0))
+
+
+def _ht(generate: str = "all") -> HyperTransformer:
+    torch.manual_seed(0)
+    return HyperTransformer(3, 4, generate=generate, label_dim=4, image_dim=8, activation_dim=4,
+                            embedder_channels=4).eval()
+
+
+def test_spread_is_the_rms_standard_deviation_across_episodes_over_the_rms_weight():
+    weight = torch.randn(7, 3, 2, 5, dtype=torch.float64)
+    values = weight.numpy().reshape(7, -1)
+    expected = np.sqrt(values.var(axis=0, ddof=1).mean()) / np.sqrt((values ** 2).mean())
+    assert _spread(weight) == pytest.approx(expected, rel=1e-12)
+    assert _spread(weight[:1].expand(7, 3, 2, 5)) == 0.0
+
+
+def test_task_independent_conv_layers_swap_without_any_change():
+    ht = _ht()
+    for name, generator in ht.generator.generators.items():
+        if name != "logits":  # the head writes its bias alone: the same conv layer for every episode
+            torch.nn.init.zeros_(generator.head.weight)
+            torch.nn.init.normal_(generator.head.bias)
+    report = specificity(ht, _episodes())
+    assert list(report.layers) == ["conv0", "conv1", "conv2", "conv3", "logits"]
+    for name in ("conv0", "conv1", "conv2", "conv3"):
+        entry = report.layers[name]
+        assert entry.spread == 0.0
+        assert entry.swapped.difference == 0.0 and entry.swapped.accuracy == report.accuracy
+    assert report.conv_mean.difference == pytest.approx(0.0, abs=1e-7)
+    assert report.layers["logits"].spread > 0  # the logits layer still reads the episode
+
+
+def test_swapping_the_logits_layer_is_scored_against_each_episodes_own_weights():
+    ht, episode = _ht(), _episodes()
+    report = specificity(ht, episode, seed=3)
+    # the independent reference: the logits layer rolled by hand, every episode's queries scored by a loop
+    params = ht.generate(episode)
+    swapped = params | {key: value.roll(1, 0) for key, value in params.items() if key.startswith("logits")}
+    images = torch.cat([episode.x_support, episode.x_query], dim=1)
+    with torch.no_grad():
+        own = [(ht.cnn({k: v[t:t + 1] for k, v in params.items()}, images[t:t + 1], norm_examples=3)[0, 3:]
+                .argmax(-1) == episode.y_query[t]).float().mean() for t in range(episode.num_tasks)]
+        other = [(ht.cnn({k: v[t:t + 1] for k, v in swapped.items()}, images[t:t + 1], norm_examples=3)[0, 3:]
+                  .argmax(-1) == episode.y_query[t]).float().mean() for t in range(episode.num_tasks)]
+    entry = report.layers["logits"].swapped
+    assert report.accuracy == pytest.approx(torch.stack(own).mean().item(), abs=1e-6)
+    assert entry.accuracy == pytest.approx(torch.stack(other).mean().item(), abs=1e-6)
+    assert entry.difference == pytest.approx(entry.accuracy - report.accuracy, abs=1e-6)
+    assert entry.low <= entry.difference <= entry.high
+
+
+def test_a_logits_only_generator_reports_its_one_layer_and_no_conv_mean():
+    report = specificity(_ht("logits"), _episodes(4))
+    assert list(report.layers) == ["logits"] and report.conv_mean is None
+
+
+def test_specificity_refuses_what_it_cannot_compare():
+    with pytest.raises(ValueError, match="at least 2"):
+        specificity(_ht(), _episodes(1))
+    with pytest.raises(ValueError, match="HyperTransformer"):
+        weight_specificity({"x": torch.nn.Linear(1, 1)}, None, None, None)
+
+
+def test_the_recipe_hook_writes_the_report_and_figure_for_both_hypertransformers(tmp_path):
+    assert main(["run", "hypertransformer", f"output_dir={tmp_path}", *shrunk("hypertransformer")]) == 0
+    (run_dir,) = (tmp_path / "hypertransformer").iterdir()
+    report = json.loads((run_dir / "weight_specificity.json").read_text())
+    assert set(report) == {"ht_all_layers", "ht_logits_only"}
+    assert list(report["ht_all_layers"]["layers"]) == ["conv0", "conv1", "conv2", "conv3", "logits"]
+    assert report["ht_all_layers"]["episodes"] == 8 and report["ht_logits_only"]["conv_mean"] is None
+    assert (run_dir / "figures" / "weight_specificity.png").is_file()

@@ -1,11 +1,12 @@
 """How much of a generated CNN is the episode's own: each generated layer's spread and the swap test.
 
 A hypernetwork writes task-specific weights only where it matters which episode wrote them. For every
-learner with a ``generate(episode)`` (the :class:`~hypernets.HyperTransformer`) and every layer it generates,
-on held-out episodes:
+:class:`~hypernets.HyperTransformer` and every layer it generates, on held-out episodes:
 
-- ``spread``: how much the layer differs between episodes, the RMS over its entries of their standard
-  deviation across episodes, over the RMS of the weights (0: the same layer for every episode);
+- ``spread``: how much the layer's weights differ between episodes, the RMS over their entries of the standard
+  deviation across episodes, over the RMS of the weights (0: the same layer for every episode). Each conv
+  block ends in batch norm, so a per-channel rescaling of a conv layer changes nothing: a spread above 0 need
+  not change the function, which is what the swap test asks;
 - ``swapped``: the accuracy when only that layer comes from another episode (the episodes' weights rolled by
   one), beside the accuracy with each episode's own weights, with a paired bootstrap interval of the
   difference over the episodes;
@@ -74,7 +75,7 @@ def _per_episode_accuracy(learner: HyperTransformer, episode: Episode, params: P
     """``[T]``: the share of each episode's queries that the CNN under ``params`` classifies right."""
     images = torch.cat([episode.x_support, episode.x_query], dim=1)
     logits = learner.cnn(params, images, norm_examples=episode.num_support)[:, episode.num_support:]
-    return (logits.argmax(-1) == episode.y_query).float().mean(-1)
+    return (logits.argmax(-1) == episode.y_query).float().mean(-1).cpu()  # bootstrapped on the CPU
 
 
 def _swap(own: Tensor, other: Tensor, generator: torch.Generator) -> Swap:
@@ -94,7 +95,16 @@ def specificity(learner: HyperTransformer, episode: Episode, *, seed: int = 0) -
     if episode.num_tasks < 2:
         raise ValueError(f"specificity compares episodes with each other; got {episode.num_tasks} task(s), "
                          "expected at least 2")
-    generator = torch.Generator().manual_seed(seed)
+    generator, training = torch.Generator().manual_seed(seed), learner.training
+    learner.eval()
+    try:
+        return _specificity(learner, episode, generator)
+    finally:
+        learner.train(training)
+
+
+def _specificity(learner: HyperTransformer, episode: Episode, generator: torch.Generator) -> Specificity:
+    """:func:`specificity` with ``learner`` in eval mode; ``generator`` draws the bootstrap resamples."""
     with torch.no_grad():
         params = learner.generate(episode)
         own = _per_episode_accuracy(learner, episode, params)

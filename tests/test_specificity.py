@@ -11,11 +11,12 @@ import torch
 from hypernets import HyperTransformer
 from hypernets.specificity import _spread, specificity, weight_specificity
 from metaopt.cli import main
-from metaopt.testing import shrunk
+from metaopt.episodes import Episode
 from metaopt.tasks import FewShotImages, Glyphs
+from metaopt.testing import shrunk
 
 
-def _episodes(num_tasks: int = 24):
+def _episodes(num_tasks: int = 24) -> Episode:
     family = FewShotImages(Glyphs(), ways=3, shots=1, queries=4, split="test")
     return family.sample(num_tasks, family.support_size, family.query_size, generator=torch.Generator().manual_seed(0))
 
@@ -50,23 +51,30 @@ def test_task_independent_conv_layers_swap_without_any_change():
     assert report.layers["logits"].spread > 0  # the logits layer still reads the episode
 
 
-def test_swapping_the_logits_layer_is_scored_against_each_episodes_own_weights():
+def _loop_accuracy(ht: HyperTransformer, episode, params) -> torch.Tensor:
+    """The independent reference: each episode's queries scored alone, one task at a time."""
+    images, support = torch.cat([episode.x_support, episode.x_query], dim=1), episode.num_support
+    with torch.no_grad():
+        return torch.stack([(ht.cnn({k: v[t:t + 1] for k, v in params.items()}, images[t:t + 1],
+                                    norm_examples=support)[0, support:].argmax(-1) == episode.y_query[t]).float().mean()
+                            for t in range(episode.num_tasks)]).mean()
+
+
+def test_swaps_and_the_mean_cnn_are_scored_against_each_episodes_own_weights():
     ht, episode = _ht(), _episodes()
     report = specificity(ht, episode, seed=3)
-    # the independent reference: the logits layer rolled by hand, every episode's queries scored by a loop
-    params = ht.generate(episode)
-    swapped = params | {key: value.roll(1, 0) for key, value in params.items() if key.startswith("logits")}
-    images = torch.cat([episode.x_support, episode.x_query], dim=1)
     with torch.no_grad():
-        own = [(ht.cnn({k: v[t:t + 1] for k, v in params.items()}, images[t:t + 1], norm_examples=3)[0, 3:]
-                .argmax(-1) == episode.y_query[t]).float().mean() for t in range(episode.num_tasks)]
-        other = [(ht.cnn({k: v[t:t + 1] for k, v in swapped.items()}, images[t:t + 1], norm_examples=3)[0, 3:]
-                  .argmax(-1) == episode.y_query[t]).float().mean() for t in range(episode.num_tasks)]
-    entry = report.layers["logits"].swapped
-    assert report.accuracy == pytest.approx(torch.stack(own).mean().item(), abs=1e-6)
-    assert entry.accuracy == pytest.approx(torch.stack(other).mean().item(), abs=1e-6)
-    assert entry.difference == pytest.approx(entry.accuracy - report.accuracy, abs=1e-6)
-    assert entry.low <= entry.difference <= entry.high
+        params = ht.generate(episode)
+        forward = (ht(episode).argmax(-1) == episode.y_query).float().mean()  # the learner's own prediction
+    assert report.accuracy == pytest.approx(forward.item(), abs=1e-6)
+    for layer in ("conv0", "logits"):  # that layer alone (weight and bias) from the episode before
+        swapped = params | {k: v.roll(1, 0) for k, v in params.items() if k.startswith(f"{layer}_")}
+        entry = report.layers[layer].swapped
+        assert entry.accuracy == pytest.approx(_loop_accuracy(ht, episode, swapped).item(), abs=1e-6)
+        assert entry.difference == pytest.approx(entry.accuracy - report.accuracy, abs=1e-6)
+        assert entry.low <= entry.difference <= entry.high
+    mean = {k: (v if k.startswith("logits") else v.mean(0, keepdim=True).expand_as(v)) for k, v in params.items()}
+    assert report.conv_mean.accuracy == pytest.approx(_loop_accuracy(ht, episode, mean).item(), abs=1e-6)
 
 
 def test_a_logits_only_generator_reports_its_one_layer_and_no_conv_mean():
@@ -79,6 +87,8 @@ def test_specificity_refuses_what_it_cannot_compare():
         specificity(_ht(), _episodes(1))
     with pytest.raises(ValueError, match="HyperTransformer"):
         weight_specificity({"x": torch.nn.Linear(1, 1)}, None, None, None)
+    with pytest.raises(ValueError, match="at least 2"):
+        weight_specificity({"ht": _ht()}, None, None, None, episodes=1)
 
 
 def test_the_recipe_hook_writes_the_report_and_figure_for_both_hypertransformers(tmp_path):
@@ -89,3 +99,12 @@ def test_the_recipe_hook_writes_the_report_and_figure_for_both_hypertransformers
     assert list(report["ht_all_layers"]["layers"]) == ["conv0", "conv1", "conv2", "conv3", "logits"]
     assert report["ht_all_layers"]["episodes"] == 8 and report["ht_logits_only"]["conv_mean"] is None
     assert (run_dir / "figures" / "weight_specificity.png").is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_specificity_on_cuda_matches_the_cpu():
+    ht, episode = _ht(), _episodes(8)
+    on_cpu, on_cuda = specificity(ht, episode), specificity(ht.cuda(), episode.to("cuda"))
+    assert on_cuda.accuracy == pytest.approx(on_cpu.accuracy, abs=1e-6)
+    swapped = on_cpu.layers["logits"].swapped.accuracy
+    assert on_cuda.layers["logits"].swapped.accuracy == pytest.approx(swapped, abs=1e-6)

@@ -27,8 +27,8 @@ What the target asks of the arithmetic (``flop_ratio``, ``generate_rate_needed_f
 generator does 27–30% of the adaptation's multiply-adds (``flop_ratio`` 3.3–3.7; its image embedder and
 activation features are convolutions the adaptation does not run), so 12× needs the generator to run at
 12 / 3.7 = 3.3× the adaptation's achieved GFLOP/s. At 100 tasks, where both are bound by their convolutions,
-that is 55% of the machine's matmul rate (one run, the machine shared: the generator reached 22%, the
-adaptation 17%; quiet, the generator reaches ~45%); at width 32 (``flop_ratio`` 8.9) 56%.
+that is about half the machine's matmul rate (two runs: 55% and 50%, where the generator reached 22% and 30%
+and the adaptation 17% and 15%); at width 32 (``flop_ratio`` 8.9) 56% and 54% (the generator: 47% and 44%).
 """
 
 from __future__ import annotations

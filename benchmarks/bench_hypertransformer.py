@@ -24,8 +24,8 @@ Both report their achieved GFLOP/s and its share of the machine's fp32 matmul ra
 generator is bound by per-operation overhead, not arithmetic, so its share is small and says how far from it.
 
 What the target asks of the arithmetic (``flop_ratio``, ``generate_rate_needed_for_target``): at width 8 the
-generator does 27–30% of the adaptation's multiply-adds (``flop_ratio`` 3.3–3.7; its image embedder and
-activation features are convolutions the adaptation does not run), so 12× needs the generator to run at
+generator does 27–30% of the adaptation's multiply-adds (``flop_ratio`` 3.7 at 16 and 100 tasks, 3.3 at one;
+its image embedder and activation features are convolutions the adaptation does not run), so 12× needs it at
 12 / 3.7 = 3.3× the adaptation's achieved GFLOP/s. At 100 tasks, where both are bound by their convolutions,
 that is about half the machine's matmul rate (two runs: 55% and 50%, where the generator reached 22% and 30%
 and the adaptation 17% and 15%); at width 32 (``flop_ratio`` 8.9) 56% and 54% (the generator: 47% and 44%).

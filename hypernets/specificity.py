@@ -29,6 +29,7 @@ from torch import Tensor
 from hypernets.cnn import Params
 from hypernets.hypertransformer import HyperTransformer
 from metaopt import plotting
+from metaopt.checks import integer
 from metaopt.compare import LEVEL, paired_bootstrap
 from metaopt.episodes import Episode
 from metaopt.learners.base import Learner
@@ -171,12 +172,10 @@ def weight_specificity(learners: Mapping[str, Learner], family: FewShotImages, r
     The episodes are drawn from ``family`` (the recipe's evaluation family) with the comparison's seed; writes
     ``weight_specificity.json`` and ``figures/weight_specificity.png`` and prints one table per learner.
     """
+    _check_options(episodes=episodes)
     chosen = {name: learner for name, learner in learners.items() if isinstance(learner, HyperTransformer)}
     if not chosen:
         raise ValueError("weight_specificity needs a learner that is a hypernets.HyperTransformer")
-    if episodes < 2:
-        raise ValueError(f"weight_specificity: episodes must be at least 2 (episodes are compared with each other); "
-                         f"got {episodes}")
     episode = family.sample(episodes, family.support_size, family.query_size,
                             generator=torch.Generator().manual_seed(seeds.comparison)).to(device)
     reports = {name: specificity(learner, episode, seed=seeds.comparison) for name, learner in chosen.items()}
@@ -186,6 +185,14 @@ def weight_specificity(learners: Mapping[str, Learner], family: FewShotImages, r
     run.save_json(results, "weight_specificity")
     run.save_figure(plot_specificity(reports, run.config.get("name", "")), "weight_specificity")
     return results
+
+
+def _check_options(*, episodes: int = 500) -> None:
+    """The hook's options, checked when the recipe is loaded: episodes are compared with each other, so >= 2."""
+    integer("episodes", episodes, owner="weight_specificity", low=2)
+
+
+weight_specificity.check_options = _check_options
 
 
 __all__ = ["Specificity", "LayerSpecificity", "Swap", "specificity", "format_specificity", "plot_specificity",

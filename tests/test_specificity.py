@@ -11,7 +11,9 @@ import torch
 from hypernets import HyperTransformer
 from hypernets.specificity import _spread, specificity, weight_specificity
 from metaopt.cli import main
+from metaopt.config import ConfigError
 from metaopt.episodes import Episode
+from metaopt.pipelines import load
 from metaopt.tasks import FewShotImages, Glyphs
 from metaopt.testing import shrunk
 
@@ -87,8 +89,14 @@ def test_specificity_refuses_what_it_cannot_compare():
         specificity(_ht(), _episodes(1))
     with pytest.raises(ValueError, match="HyperTransformer"):
         weight_specificity({"x": torch.nn.Linear(1, 1)}, None, None, None)
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(ValueError, match="episodes.*>= 2"):
         weight_specificity({"ht": _ht()}, None, None, None, episodes=1)
+
+
+def test_a_bad_episodes_option_is_refused_when_the_recipe_is_loaded():
+    with pytest.raises(ConfigError, match=r"evaluate\[0\].*episodes.*>= 2"):
+        load("hypertransformer", ["evaluate=[{_target_: hypernets.specificity.weight_specificity, episodes: 1}]"])
+    load("hypertransformer", ["evaluate=[{_target_: hypernets.specificity.weight_specificity, episodes: 2}]"])
 
 
 def test_the_recipe_hook_writes_the_report_and_figure_for_both_hypertransformers(tmp_path):

@@ -130,7 +130,10 @@ def evaluation_task_spec(config: DictConfig) -> DictConfig:
 
 
 def _hook(spec: DictConfig, where: str) -> tuple[Callable, dict[str, Any]]:
-    """An ``evaluate:`` entry as (callable, options), refusing one that cannot be called with what it gets."""
+    """An ``evaluate:`` entry as (callable, options), refusing one that cannot be called with what it gets.
+
+    A hook may carry ``check_options(**options)``, which raises ValueError on a bad value: it runs here, when the
+    recipe is loaded, so a bad option fails before any training."""
     if "_target_" not in spec:
         raise ConfigError(f"{where} needs a _target_ naming a callable fn(learners=..., run=..., **options)")
     options = plain(spec)
@@ -146,6 +149,12 @@ def _hook(spec: DictConfig, where: str) -> tuple[Callable, dict[str, Any]]:
         problem = f"does not take {unknown}" if unknown else f"needs {missing}"
         raise ConfigError(f"{where}: {path} {problem}; an evaluate hook takes its options and any of "
                           f"{list(HOOK_ARGUMENTS)} by name (it takes {list(parameters)})")
+    check = getattr(target, "check_options", None)
+    if callable(check):
+        try:
+            check(**{k: v for k, v in options.items() if k in inspect.signature(check).parameters})
+        except ValueError as error:
+            raise ConfigError(f"{where}: {error}") from error
     return target, options
 
 
